@@ -1,0 +1,1 @@
+"""Model adapters: each model family -> eps(x, t, cond), its noise schedule, and decoding."""

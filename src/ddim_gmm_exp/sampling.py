@@ -1,0 +1,222 @@
+"""The DDIM and DDIM-GMM step and sampling loop, as pure functions over a denoiser.
+
+This is the only copy of the step math: the LDM sampler (ldm.py), the diffusers scheduler
+(diffusers.py) and the experiment runner all call it.
+
+Notation (code -> paper; Song et al. 2021 eq. 12 and 16, Gabbur 2026):
+    abar_t, abar_prev   alpha-bar at t = tau_i and at s = tau_{i-1} (final_abar after tau_1)
+    x0_hat, eps_hat     predicted clean sample and noise
+    sigma               eta * sqrt((1 - abar_s)/(1 - abar_t)) * sqrt(1 - abar_t/abar_s)
+    mean                m = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat
+    noise               z (DDIM) or delta_{i,k} + L_i z (DDIM-GMM), unit variance
+    x_prev              x_s = m + sigma * noise
+Step index i counts sampling steps in the order they run (0 = first, noisiest).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ddim_gmm_exp.gmm import GMM
+from ddim_gmm_exp.noise import Generators, randn
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type={prediction_type!r} is not allowed: choose one of {PREDICTION_TYPES}"
+        )
+
+
+def check_eta(eta: float) -> None:
+    if not eta >= 0:
+        raise ValueError(f"eta={eta!r} is not allowed: it must be >= 0 (0 = DDIM, 1 = DDPM-like)")
+
+
+def x0_and_eps(
+    model_output: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps_hat) from an epsilon, v or x0 prediction (diffusers' formulas)."""
+    beta_t = 1 - abar_t
+    if prediction_type == "epsilon":
+        return (x_t - beta_t**0.5 * model_output) / abar_t**0.5, model_output
+    if prediction_type == "sample":
+        return model_output, (x_t - abar_t**0.5 * model_output) / beta_t**0.5
+    if prediction_type == "v_prediction":
+        x0 = abar_t**0.5 * x_t - beta_t**0.5 * model_output
+        return x0, abar_t**0.5 * model_output + beta_t**0.5 * x_t
+    check_prediction_type(prediction_type)
+    raise AssertionError("unreachable")
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """eps_hat re-derived from a (clipped) x0_hat, as GLIDE and diffusers' use_clipped_model_output."""
+    return (x_t - abar_t**0.5 * x0) / (1 - abar_t) ** 0.5
+
+
+def ddim_sigma(abar_t: torch.Tensor, abar_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t(eta) of DDIM eq. 16; 0 on the last step when abar_prev = 1."""
+    variance = ((1 - abar_prev) / (1 - abar_t)) * (1 - abar_t / abar_prev)
+    return eta * variance**0.5
+
+
+def ddim_mean(
+    x0: torch.Tensor, eps: torch.Tensor, abar_prev: torch.Tensor, sigma: torch.Tensor
+) -> torch.Tensor:
+    """m = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat (DDIM eq. 12 without noise)."""
+    direction_scale = torch.as_tensor(1 - abar_prev - sigma**2).clamp_min(0) ** 0.5
+    return abar_prev**0.5 * x0 + direction_scale * eps
+
+
+def clip_x0(x0: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """Clamp x0_hat to [-clip_range, clip_range] (diffusers clip_sample)."""
+    return x0.clamp(-clip_range, clip_range)
+
+
+def threshold_x0(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022) with diffusers' semantics.
+
+    Per sample, s = the ratio-quantile of |x0_hat|, clamped to [1, max_value]; then
+    x0_hat <- clamp(x0_hat, -s, s) / s.
+    """
+    dtype = x0.dtype
+    batch, channels, *rest = x0.shape
+    flat = x0 if dtype in (torch.float32, torch.float64) else x0.float()
+    flat = flat.reshape(batch, channels * int(np.prod(rest)))
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(batch, channels, *rest).to(dtype)
+
+
+def ddim_step(
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    abar_t: torch.Tensor,
+    abar_prev: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    *,
+    prediction_type: str = "epsilon",
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+    use_clipped_model_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_s (Song et al. 2021 eq. 12); returns (x_s, x0_hat).
+
+    ``noise`` is the kernel's unit-variance noise: z for DDIM, delta_{i,k} + L_i z for DDIM-GMM
+    (see :func:`kernel_noise`). It is needed when eta > 0 and ignored when eta = 0.
+    Clipping and thresholding of x0_hat follow diffusers' DDIMScheduler.step.
+    """
+    x0, eps = x0_and_eps(model_output, x_t, abar_t, prediction_type)
+    if thresholding:
+        x0 = threshold_x0(x0, dynamic_thresholding_ratio, sample_max_value)
+    elif clip_sample:
+        x0 = clip_x0(x0, clip_sample_range)
+    sigma = ddim_sigma(abar_t, abar_prev, eta)
+    if use_clipped_model_output:
+        eps = eps_from_x0(x_t, x0, abar_t)
+    x_prev = ddim_mean(x0, eps, abar_prev, sigma)
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs noise: draw it with kernel_noise()")
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+def kernel_noise(
+    shape: Sequence[int],
+    generator: Generators = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    gmm: GMM | None = None,
+    step_index: int = 0,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The step's unit-variance noise: z for DDIM, delta_{i,k} + L_i z for DDIM-GMM.
+
+    z is drawn first, exactly as diffusers draws its variance noise (same shape, same generator
+    or per-sample generators); the component indices k are drawn after it. A trivial kernel
+    (K = 1 or scale = 0) draws no k, so it leaves the random streams, and the output,
+    bit-identical to DDIM's.
+    """
+    if z is None:
+        z = randn(shape, generator, device=device, dtype=dtype)
+    if gmm is None or gmm.is_trivial:
+        return z
+    components = gmm.draw_components(step_index, z.shape[0], generator)
+    return gmm.unit_noise(step_index, z, components)
+
+
+def previous_abar(
+    alphas_cumprod: torch.Tensor, timesteps: Sequence[int], i: int, final_abar: torch.Tensor
+) -> torch.Tensor:
+    """abar at the step after timesteps[i] in the actual list (final_abar after the last one)."""
+    return alphas_cumprod[int(timesteps[i + 1])] if i + 1 < len(timesteps) else final_abar
+
+
+def sample_ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    final_abar: torch.Tensor | float,
+    *,
+    eta: float = 0.0,
+    gmm: GMM | None = None,
+    generator: Generators = None,
+    callback: StepCallback | None = None,
+    prediction_type: str = "epsilon",
+    **step_options: object,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021) or, with a GMM, DDIM-GMM (Gabbur 2026) from x_T down to x_0.
+
+    ``denoiser(x, t)`` returns the model output for the batch x at timestep t (a (B,) long
+    tensor); ``timesteps`` run from the noisiest down; ``callback(i, t, x_s, x0_hat)`` sees
+    every step. The GMM's step i is used on the i-th step run. Callers warn (once) when a GMM
+    is given with eta = 0 (:func:`warn_gmm_without_noise`).
+    """
+    check_eta(eta)
+    check_prediction_type(prediction_type)
+    if gmm is not None:
+        gmm.check_num_steps(len(timesteps))
+        gmm.check_shape(tuple(x.shape))
+    final_abar = torch.as_tensor(final_abar, dtype=alphas_cumprod.dtype)
+    for i, t in enumerate(timesteps):
+        t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        model_output = denoiser(x, t_batch)
+        noise = None
+        if eta > 0:
+            noise = kernel_noise(
+                x.shape, generator, device=x.device, dtype=x.dtype, gmm=gmm, step_index=i
+            )
+        abar_t = alphas_cumprod[int(t)]
+        abar_prev = previous_abar(alphas_cumprod, timesteps, i, final_abar)
+        x, x0 = ddim_step(
+            model_output, x, abar_t, abar_prev, eta, noise, prediction_type=prediction_type,
+            **step_options,
+        )
+        if callback is not None:
+            callback(i, t_batch, x, x0)
+    return x
+
+
+def warn_gmm_without_noise() -> None:
+    """DDIM-GMM with eta = 0 has sigma = 0: the mixture has no variance to act on."""
+    warnings.warn(
+        "DDIM-GMM with eta=0 is deterministic DDIM: sigma = 0, so the mixture kernel has no "
+        "variance to act on; use eta > 0 (e.g. 1.0) for the GMM to matter",
+        UserWarning,
+        stacklevel=3,
+    )
