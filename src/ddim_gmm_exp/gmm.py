@@ -130,7 +130,10 @@ def shaped_offsets(
     delta_k = U coords_k, sum_k pi_k delta_k = 0 and sum_k pi_k delta_k delta_k^T = U S'^2 U^T.
     """
     sqrt_pi = priors.sqrt()
-    u, s, vh = torch.linalg.svd(centred * sqrt_pi, full_matrices=False)
+    # Thin SVD of the tall D x K matrix through its QR: O(D K^2), a few times faster than gesdd.
+    q, r = torch.linalg.qr(centred * sqrt_pi)
+    u_small, s, vh = torch.linalg.svd(r)
+    u = q @ u_small
     rank = int((s > _RANK_TOLERANCE * s.max().clamp_min(1e-300)).sum()) if s.numel() else 0
     rank = min(rank, priors.numel() - 1)  # W sqrt(pi) = 0 forces r <= K-1
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
@@ -244,33 +247,45 @@ class GMM:
             self.dtype = _check_dtype(dtype)
         self.hparams = hp
         n_stored = 1 if share_across_steps else n_steps
-        steps = [build_step_kernel(hp, i) for i in range(n_stored)]
-        self.step_kernels_clipped = [s.clipped_fraction for s in steps]
-        self.clipped_fraction = float(np.mean(self.step_kernels_clipped))
-        self._tensors = self._pack(steps, hp)
+        self._tensors = self._allocate(hp, n_stored)
+        clipped = []
+        for i in range(n_stored):  # one step at a time: float64 work memory is one step's
+            kernel = build_step_kernel(hp, i)
+            self._store(i, kernel)
+            clipped.append(kernel.clipped_fraction)
+        self.step_clipped_fractions = clipped
+        self.clipped_fraction = float(np.mean(clipped))
         return self
 
-    def _pack(self, steps: list[StepKernel], hp: GMMHyperparameters) -> dict[str, torch.Tensor]:
-        """Stack the steps' parameters in the form the noise draw uses, on the device."""
-        priors = torch.stack([s.priors for s in steps])
-        packed = {"priors": priors, "cum_priors": priors.cumsum(-1)}
-        if hp.moments == "diagonal":
-            packed["offsets"] = torch.stack([s.offsets for s in steps])
-            packed["component_std"] = torch.stack(
-                [(1 - s.offset_var).clamp_min(0).sqrt() for s in steps]
-            )
-        else:
-            rank = max(s.basis.shape[1] for s in steps)
-            packed["basis"] = torch.stack([_pad_columns(s.basis, rank) for s in steps])
-            packed["offset_coords"] = torch.stack([_pad_columns(s.offset_coords, rank) for s in steps])
-            packed["std_correction"] = torch.stack(
-                [_pad_columns((1 - s.offset_eigvals.clamp_max(1)).sqrt() - 1, rank) for s in steps]
-            )
+    def _allocate(self, hp: GMMHyperparameters, n_stored: int) -> dict[str, torch.Tensor]:
+        """Zeroed storage for every step, in the form the noise draw uses, on the device."""
+        k, d = hp.n_components, hp.dim
         # cumulative priors stay float64: the categorical draw compares them with float64 uniforms
-        return {
-            name: t.to(self.device, torch.float64 if name == "cum_priors" else self.dtype)
-            for name, t in packed.items()
-        }
+        shapes = {"priors": ((n_stored, k), self.dtype), "cum_priors": ((n_stored, k), torch.float64)}
+        if hp.moments == "diagonal":
+            shapes |= {"offsets": ((n_stored, k, d), self.dtype), "component_std": ((n_stored, d), self.dtype)}
+        else:
+            rank = min(k - 1, d)  # padded with zero columns where a step's rank is lower
+            shapes |= {
+                "basis": ((n_stored, d, rank), self.dtype),
+                "offset_coords": ((n_stored, k, rank), self.dtype),
+                "std_correction": ((n_stored, rank), self.dtype),
+            }
+        return {name: torch.zeros(shape, dtype=dtype, device=self.device) for name, (shape, dtype) in shapes.items()}
+
+    def _store(self, i: int, kernel: StepKernel) -> None:
+        """Write step i's parameters into the storage."""
+        store = self._tensors
+        store["priors"][i] = kernel.priors
+        store["cum_priors"][i] = kernel.priors.cumsum(-1)
+        if self.hparams.moments == "diagonal":
+            store["offsets"][i] = kernel.offsets
+            store["component_std"][i] = (1 - kernel.offset_var).clamp_min(0).sqrt()
+        else:
+            r = kernel.basis.shape[1]
+            store["basis"][i, :, :r] = kernel.basis
+            store["offset_coords"][i, :, :r] = kernel.offset_coords
+            store["std_correction"][i, :r] = (1 - kernel.offset_eigvals.clamp_max(1)).sqrt() - 1
 
     # ----------------------------------------------------------------------------- queries
 
@@ -382,7 +397,3 @@ def _check_dtype(dtype: torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype={dtype!r} is not allowed: choose one of {DTYPES}")
     return dtype
 
-
-def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero columns up to ``width``: a zero basis vector adds nothing to the noise."""
-    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))

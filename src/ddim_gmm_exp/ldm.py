@@ -170,7 +170,7 @@ class DDIMSampler:
             self.gmm_params.check_shape(full_shape)
             self.gmm_params.check_num_steps(len(self.ddim_timesteps))
             if eta == 0 and not self._warned_eta_zero:
-                warn_gmm_without_noise()
+                warn_gmm_without_noise(stacklevel=4)  # past sample() and torch's no_grad wrapper
                 self._warned_eta_zero = True
         device = _model_device(self.model)
         x = x_T if x_T is not None else randn(full_shape, generator, device=device)

@@ -212,11 +212,11 @@ def sample_ddim(
     return x
 
 
-def warn_gmm_without_noise() -> None:
+def warn_gmm_without_noise(stacklevel: int = 3) -> None:
     """DDIM-GMM with eta = 0 has sigma = 0: the mixture has no variance to act on."""
     warnings.warn(
         "DDIM-GMM with eta=0 is deterministic DDIM: sigma = 0, so the mixture kernel has no "
         "variance to act on; use eta > 0 (e.g. 1.0) for the GMM to matter",
         UserWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )

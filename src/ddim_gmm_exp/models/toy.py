@@ -1,0 +1,114 @@
+"""An analytic diffusion model: a Gaussian-mixture data law whose eps-prediction is exact.
+
+The data law is p(x0) = sum_j w_j N(mu_j, s_j^2 I). Under the DDPM forward process
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the marginal is again a mixture,
+p_t(x) = sum_j w_j N(sqrt(abar_t) mu_j, v_j I) with v_j = abar_t s_j^2 + 1 - abar_t, so the
+optimal noise prediction is closed form:
+    eps*(x, t) = -sqrt(1 - abar_t) grad log p_t(x) = sqrt(1 - abar_t) sum_j r_j(x) (x - sqrt(abar_t) mu_j) / v_j
+with r_j(x) the posterior responsibilities. A sampler that is exact in the limit of many steps
+must then reproduce the data law's moments, which the tests check.
+
+It has CompVis's model interface (apply_model, alphas_cumprod, num_timesteps, parameterization),
+and class labels: c = j conditions on mode j, c = n_modes (the null class) does not condition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def linear_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """abar_t of DDPM's linear beta schedule, in float64."""
+    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+class ToyGMMModel(torch.nn.Module):
+    """Exact eps-predictor of an isotropic Gaussian-mixture data law, on sample shape ``shape``."""
+
+    parameterization = "eps"
+
+    def __init__(
+        self,
+        means: torch.Tensor,
+        stds: torch.Tensor,
+        weights: torch.Tensor,
+        shape: tuple[int, ...],
+        num_timesteps: int = 1000,
+    ) -> None:
+        super().__init__()
+        dim = math.prod(shape)
+        if means.shape[1] != dim:
+            raise ValueError(f"means have dimension {means.shape[1]} but shape {shape} has D = {dim}")
+        self.shape = tuple(shape)
+        self.num_timesteps = num_timesteps
+        self.register_buffer("means", means.double())
+        self.register_buffer("stds", stds.double())
+        self.register_buffer("weights", (weights / weights.sum()).double())
+        self.register_buffer("alphas_cumprod", linear_alphas_cumprod(num_timesteps))
+
+    @classmethod
+    def random(
+        cls, shape: tuple[int, ...] = (1, 4, 4), n_modes: int = 3, seed: int = 0, separation: float = 2.0
+    ) -> ToyGMMModel:
+        """A mixture of ``n_modes`` modes with random means of norm ~ separation, stds in [0.2, 0.5]."""
+        g = torch.Generator().manual_seed(seed)
+        dim = math.prod(shape)
+        means = torch.randn(n_modes, dim, generator=g, dtype=torch.float64)
+        means = separation * means / means.norm(dim=1, keepdim=True)
+        stds = 0.2 + 0.3 * torch.rand(n_modes, generator=g, dtype=torch.float64)
+        weights = 0.5 + torch.rand(n_modes, generator=g, dtype=torch.float64)
+        return cls(means, stds, weights, shape)
+
+    @property
+    def n_modes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    def mean(self) -> torch.Tensor:
+        """E[x0] = sum_j w_j mu_j, flat (D,)."""
+        return self.weights @ self.means
+
+    def covariance(self) -> torch.Tensor:
+        """Cov[x0] = sum_j w_j (s_j^2 I + mu_j mu_j^T) - E[x0] E[x0]^T, (D, D)."""
+        dim = self.means.shape[1]
+        second = (self.weights * self.stds**2).sum() * torch.eye(dim, dtype=torch.float64, device=self.device)
+        second = second + (self.weights[:, None] * self.means).T @ self.means
+        mean = self.mean()
+        return second - torch.outer(mean, mean)
+
+    def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n exact draws from the data law, shape (n, *shape)."""
+        modes = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        x0 = self.means[modes] + self.stds[modes, None] * noise
+        return x0.reshape(n, *self.shape)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The exact eps-prediction at x_t (B, *shape) and timesteps t (B,)."""
+        flat = x.reshape(x.shape[0], -1).double()
+        abar = self.alphas_cumprod[t.long()][:, None]  # (B, 1)
+        var = abar * self.stds**2 + (1 - abar)  # (B, J): v_j
+        centred = flat[:, None, :] - abar.sqrt()[..., None] * self.means  # (B, J, D)
+        log_lik = -(centred**2).sum(-1) / (2 * var) - 0.5 * flat.shape[1] * var.log()
+        log_post = log_lik + self.weights.log()
+        if labels is not None:
+            conditioned = labels < self.n_modes
+            one_mode = torch.full_like(log_post, -math.inf)
+            one_mode[conditioned, labels[conditioned]] = 0.0
+            log_post = torch.where(conditioned[:, None], one_mode, log_post)
+        resp = log_post.softmax(dim=-1)  # r_j(x)
+        eps = (1 - abar).sqrt() * (resp[..., None] * centred / var[..., None]).sum(1)
+        return eps.reshape(x.shape).to(x.dtype)
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """CompVis's interface: eps for (x_t, t, class labels or None)."""
+        return self.eps(x, t, c)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        return self.eps(x, t, c)

@@ -1,0 +1,223 @@
+"""The kernel's identities (METHOD.md), its statistics, clipping, and its bad arguments."""
+
+import itertools
+
+import pytest
+import torch
+
+from ddim_gmm_exp.gmm import GMM
+from ddim_gmm_exp.noise import sample_generators
+
+FLAGS = list(itertools.product([True, False], repeat=3))  # orthonormal, upper_bound_vars, uniform
+
+
+def build(dim, k, moments, orthonormal=True, upper=True, uniform=True, scale=1.0, n_steps=1, **kw):
+    return GMM(dtype=torch.float64).initialize(
+        dim=dim, n_components=k, n_steps=n_steps, scale=scale, uniform_priors=uniform,
+        orthonormal=orthonormal, upper_bound_vars=upper, moments=moments, **kw,
+    )
+
+
+def offsets_of(gmm, i=0):
+    """delta (K, D), whichever way the mode stores it."""
+    p = gmm.step_parameters(i)
+    if "offsets" in p:
+        return p["offsets"]
+    return p["offset_coords"] @ p["basis"].T
+
+
+def component_cov(gmm, i=0):
+    """L L^T as a dense D x D matrix, applied to the identity by the kernel's own noise draw."""
+    dim = gmm.hparams.dim
+    p = gmm.step_parameters(i)
+    if "component_std" in p:
+        return torch.diag(p["component_std"] ** 2)
+    lz = torch.eye(dim, dtype=torch.float64) + p["basis"] @ torch.diag(p["std_correction"]) @ p["basis"].T
+    return lz @ lz.T
+
+
+def offset_cov(gmm, i=0):
+    """C = sum_k pi_k delta_k delta_k^T."""
+    delta, pi = offsets_of(gmm, i), gmm.step_parameters(i)["priors"]
+    return delta.T @ (pi[:, None] * delta)
+
+
+@pytest.mark.parametrize("moments", ["diagonal", "full"])
+@pytest.mark.parametrize("dim", [16, 64, 512])
+@pytest.mark.parametrize("k", [2, 4, 16])
+@pytest.mark.parametrize("orthonormal,upper,uniform", FLAGS)
+def test_moment_identities(moments, dim, k, orthonormal, upper, uniform):
+    gmm = build(dim, k, moments, orthonormal, upper, uniform, n_steps=2)
+    for i in range(2):
+        pi = gmm.step_parameters(i)["priors"]
+        delta = offsets_of(gmm, i)
+        assert torch.allclose(pi.sum(), torch.tensor(1.0, dtype=torch.float64))
+        # first moment: sum_k pi_k delta_k = 0
+        assert (pi @ delta).abs().max() < 1e-10
+        c, llt = offset_cov(gmm, i), component_cov(gmm, i)
+        if gmm.step_clipped_fractions[i] > 0:
+            continue
+        if moments == "full":
+            assert (c + llt - torch.eye(dim, dtype=torch.float64)).abs().max() < 1e-6
+        else:
+            assert (torch.diagonal(c) + torch.diagonal(llt) - 1).abs().max() < 1e-6
+            # L is diagonal in this mode
+            assert torch.count_nonzero(llt - torch.diag(torch.diagonal(llt))) == 0
+        # rank r <= K - 1
+        assert torch.linalg.matrix_rank(c) <= k - 1
+
+
+@pytest.mark.parametrize("moments", ["diagonal", "full"])
+@pytest.mark.parametrize("upper", [True, False])
+@pytest.mark.parametrize("orthonormal", [True, False])
+def test_scale_sets_largest_or_mean_variance(moments, upper, orthonormal):
+    scale = 0.6
+    gmm = build(64, 8, moments, orthonormal, upper, uniform=False, scale=scale)
+    c = offset_cov(gmm)
+    if moments == "full":
+        variances = torch.linalg.eigvalsh(c)[-7:]  # the r = K - 1 non-zero eigenvalues
+    else:
+        variances = torch.diagonal(c)
+    reference = variances.max() if upper else variances.mean()
+    assert reference.item() == pytest.approx(scale**2, rel=1e-9)
+
+
+def test_full_orthonormal_uniform_is_regular_simplex():
+    gmm = build(32, 5, "full")
+    delta = offsets_of(gmm)
+    norms = delta.norm(dim=1)
+    assert torch.allclose(norms, norms[0].expand(5), rtol=1e-10)
+    gram = delta @ delta.T
+    off_diagonal = gram[~torch.eye(5, dtype=torch.bool)]
+    assert torch.allclose(off_diagonal, -norms[0] ** 2 / 4 * torch.ones_like(off_diagonal), rtol=1e-9)
+
+
+def expected_clipping(moments, orthonormal, upper, k):
+    """METHOD.md: only without upper_bound_vars, and never for orthonormal offsets in full mode
+    (equal eigenvalues) nor with a single offset direction (K = 2)."""
+    if upper or k == 2 and moments == "full":
+        return False
+    return moments == "diagonal" or not orthonormal
+
+
+@pytest.mark.parametrize("moments", ["diagonal", "full"])
+@pytest.mark.parametrize("orthonormal,upper,uniform", FLAGS)
+@pytest.mark.parametrize("k", [2, 8])
+def test_clipping_reported_exactly_where_method_says(moments, orthonormal, upper, uniform, k):
+    gmm = build(64, k, moments, orthonormal, upper, uniform)
+    c = offset_cov(gmm)
+    # an independent count of the directions whose offset variance exceeds 1
+    if moments == "full":
+        eig = torch.linalg.eigvalsh(c)[-(k - 1):]
+        fraction = (eig > 1 + 1e-9).double().mean().item()
+    else:
+        fraction = (torch.diagonal(c) > 1 + 1e-9).double().mean().item()
+    assert gmm.clipped_fraction == pytest.approx(fraction)
+    assert (gmm.clipped_fraction > 0) == expected_clipping(moments, orthonormal, upper, k)
+    if gmm.clipped_fraction > 0:
+        # where clipped, the component variance is 0 and the second moment exceeds 1 there
+        llt = component_cov(gmm)
+        total = torch.diagonal(c + llt) if moments == "diagonal" else torch.linalg.eigvalsh(c + llt)
+        assert total.max() > 1 + 1e-6
+        assert total.min() > 1 - 1e-6
+
+
+@pytest.mark.parametrize("moments", ["diagonal", "full"])
+def test_kernel_draws_have_the_matched_moments(moments):
+    """10^5 draws of delta_k + L z: mean 0 and covariance C + L L^T (I for full)."""
+    dim, n = 6, 100_000
+    gmm = build(dim, 4, moments, orthonormal=False, uniform=False)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    k = gmm.draw_components(0, n, g)
+    draws = gmm.unit_noise(0, z, k)
+    pi = gmm.step_parameters(0)["priors"]
+    counts = torch.bincount(k, minlength=4).double() / n
+    assert (counts - pi).abs().max() < 5 * (0.25 / n) ** 0.5
+    assert draws.mean(0).abs().max() < 5 / n**0.5
+    expected = offset_cov(gmm) + component_cov(gmm)
+    if moments == "full":
+        assert torch.allclose(expected, torch.eye(dim, dtype=torch.float64), atol=1e-9)
+    else:
+        assert torch.allclose(torch.diagonal(expected), torch.ones(dim, dtype=torch.float64))
+    empirical = torch.cov(draws.T)
+    assert (empirical - expected).abs().max() < 6 * (2 / n) ** 0.5
+
+
+def test_kernel_depends_only_on_seed_and_step():
+    a = GMM().initialize(dim=48, n_components=4, n_steps=5, seed=3)
+    b = GMM().initialize(dim=48, n_components=4, n_steps=10, seed=3)
+    c = GMM().initialize(dim=48, n_components=4, n_steps=5, seed=4)
+    for i in range(5):
+        assert torch.equal(offsets_of(a, i), offsets_of(b, i))
+    assert not torch.equal(offsets_of(a, 0), offsets_of(c, 0))
+    assert not torch.equal(offsets_of(a, 0), offsets_of(a, 1))
+
+
+def test_shared_parameters_use_one_step_of_memory():
+    per_step = GMM().initialize(dim=300, n_components=8, n_steps=20)
+    shared = GMM().initialize(dim=300, n_components=8, n_steps=20, share_across_steps=True)
+    # float32: priors K, cumulative priors K (float64), offsets K*D, component std D
+    one_step = 4 * 8 + 8 * 8 + 4 * 8 * 300 + 4 * 300
+    assert shared.memory_bytes == one_step
+    assert per_step.memory_bytes == 20 * one_step
+    assert torch.equal(offsets_of(shared, 0), offsets_of(shared, 19))
+    shared.check_num_steps(7)  # any number of sampling steps
+    with pytest.raises(ValueError, match="n_steps=20 does not match the 7 sampling steps"):
+        per_step.check_num_steps(7)
+
+
+def test_trivial_kernels():
+    for gmm in (GMM().initialize(dim=12, n_components=1, n_steps=1),
+                GMM().initialize(dim=12, n_components=6, n_steps=1, scale=0.0)):
+        assert gmm.is_trivial
+        z = torch.randn(3, 12)
+        assert gmm.unit_noise(0, z, torch.zeros(3, dtype=torch.long)) is z
+        assert torch.count_nonzero(offsets_of(gmm)) == 0
+
+
+def test_per_sample_components_do_not_depend_on_the_batch():
+    gmm = GMM().initialize(dim=8, n_components=16, n_steps=1, uniform_priors=False)
+    alone = torch.cat([gmm.draw_components(0, 1, sample_generators([s])) for s in range(7)])
+    together = gmm.draw_components(0, 7, sample_generators(range(7)))
+    assert torch.equal(alone, together)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"n_components": 0}, "n_components=0 is not allowed: it must be an integer >= 1"),
+        ({"n_components": 2.5}, "n_components=2.5"),
+        ({"scale": 1.5}, r"scale=1.5 is not allowed: it must be a number in \[0, 1\]"),
+        ({"scale": -0.1}, r"scale=-0.1 is not allowed"),
+        ({"n_steps": 0}, "n_steps=0 is not allowed: it must be an integer >= 1"),
+        ({"dim": 0}, "dim=0 is not allowed"),
+        ({"moments": "spherical"}, r"moments='spherical' is not allowed: choose one of \('diagonal', 'full'\)"),
+        ({"seed": -1}, "seed=-1 is not allowed"),
+        ({"orthonormal": "yes"}, "orthonormal='yes' is not allowed"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, message):
+    args = {"dim": 16, "n_components": 4, "n_steps": 3} | kwargs
+    with pytest.raises(ValueError, match=message):
+        GMM().initialize(**args)
+
+
+def test_bad_devices_raise_value_error():
+    with pytest.raises(ValueError, match="device='tpu:0' is not a torch device"):
+        GMM(device="tpu:0")
+    with pytest.raises(ValueError, match="gpu=-1 is not allowed"):
+        GMM(gpu=-1)
+    with pytest.raises(ValueError, match="were both given"):
+        GMM(gpu=0, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda:0' is not available here"):
+            GMM(gpu=0)
+
+
+def test_dim_must_match_the_sample_shape():
+    gmm = GMM().initialize(dim=48, n_components=4, n_steps=1)
+    with pytest.raises(ValueError, match=r"GMM dim=48 does not match the sample shape \(3, 4, 5\)"):
+        gmm.check_shape((2, 3, 4, 5))
+    with pytest.raises(ValueError, match="call initialize"):
+        GMM().check_shape((2, 3))
