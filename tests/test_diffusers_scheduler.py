@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_gmm_exp.diffusers import DDIMGMMScheduler, DDIMScheduler, GMM
+from ddim_gmm_exp.diffusers import GMM, DDIMGMMScheduler, DDIMScheduler
 from ddim_gmm_exp.noise import sample_generators
 
 
