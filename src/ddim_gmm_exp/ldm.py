@@ -20,6 +20,7 @@ from ddim_gmm_exp.gmm import GMM
 from ddim_gmm_exp.noise import Generators, randn
 from ddim_gmm_exp.sampling import (
     check_eta,
+    classifier_free_guidance,
     ddim_sigma,
     sample_ddim,
     warn_gmm_without_noise,
@@ -54,15 +55,6 @@ def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps
     else:
         timesteps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
     return timesteps + 1
-
-
-def concat_conditioning(unconditional: Any, conditional: Any) -> Any:
-    """[uc, c] batched together for one guided model call (tensors, lists or dicts of them)."""
-    if isinstance(conditional, dict):
-        return {k: concat_conditioning(unconditional[k], conditional[k]) for k in conditional}
-    if isinstance(conditional, list | tuple):
-        return [torch.cat([u, c]) for u, c in zip(unconditional, conditional, strict=True)]
-    return torch.cat([unconditional, conditional])
 
 
 class DDIMSampler:
@@ -202,11 +194,7 @@ class DDIMSampler:
         self, x: torch.Tensor, t: torch.Tensor, c: Any, scale: float, uc: Any
     ) -> torch.Tensor:
         """Model output with classifier-free guidance: out_u + scale * (out_c - out_u)."""
-        if uc is None or scale == 1.0:
-            return self.model.apply_model(x, t, c)
-        both = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(uc, c))
-        out_uncond, out_cond = both.chunk(2)
-        return out_uncond + scale * (out_cond - out_uncond)
+        return classifier_free_guidance(self.model.apply_model, x, t, c, uc, scale)
 
 
 def _resolve_steps(S: int | None, steps: int | None) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,6 +158,34 @@ def kernel_noise(
         return z
     components = gmm.draw_components(step_index, z.shape[0], generator)
     return gmm.unit_noise(step_index, z, components)
+
+
+def concat_conditioning(unconditional: Any, conditional: Any) -> Any:
+    """[uc, c] batched together for one guided model call (tensors, lists or dicts of them)."""
+    if isinstance(conditional, dict):
+        return {k: concat_conditioning(unconditional[k], conditional[k]) for k in conditional}
+    if isinstance(conditional, list | tuple):
+        return [torch.cat([u, c]) for u, c in zip(unconditional, conditional, strict=True)]
+    return torch.cat([unconditional, conditional])
+
+
+def classifier_free_guidance(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Any,
+    uncond: Any,
+    scale: float,
+) -> torch.Tensor:
+    """out_u + scale * (out_c - out_u) in one batched call (Ho & Salimans 2022).
+
+    scale = 1 (or no unconditional conditioning) is the conditional model alone, in one call.
+    """
+    if uncond is None or scale == 1.0:
+        return model_fn(x, t, cond)
+    both = model_fn(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(uncond, cond))
+    out_uncond, out_cond = both.chunk(2)
+    return out_uncond + scale * (out_cond - out_uncond)
 
 
 def previous_abar(

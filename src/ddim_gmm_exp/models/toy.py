@@ -18,6 +18,9 @@ import math
 
 import torch
 
+from ddim_gmm_exp.images import to_uint8
+from ddim_gmm_exp.models.base import ModelAdapter
+
 
 def linear_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """abar_t of DDPM's linear beta schedule, in float64."""
@@ -112,3 +115,31 @@ class ToyGMMModel(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         return self.eps(x, t, c)
+
+
+class ToyAdapter(ModelAdapter):
+    """The toy data law as a runner model: ``n_modes`` classes of small images, exact eps.
+
+    Pixels of mode j are N(mu_j, s_j^2) with mu_j entries of size ~ ``pixel_scale``; images are
+    (x + 1) / 2 clamped to [0, 1]. Real images for reference statistics are exact draws.
+    """
+
+    def __init__(self, shape: tuple[int, ...] = (3, 8, 8), n_modes: int = 10, seed: int = 0,
+                 pixel_scale: float = 0.5) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in shape)
+        self.sample_shape = shape
+        self.num_classes = n_modes
+        self.model = ToyGMMModel.random(shape, n_modes, seed, separation=pixel_scale * math.prod(shape) ** 0.5)
+        self.scheduler_config = {
+            "num_train_timesteps": self.model.num_timesteps, "beta_schedule": "linear",
+            "beta_start": 1e-4, "beta_end": 0.02, "clip_sample": False, "set_alpha_to_one": False,
+            "prediction_type": "epsilon", "steps_offset": 1,
+        }
+
+    def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.model.eps(x, t, cond)
+
+    def reference_images(self, n: int, seed: int = 0) -> torch.Tensor:
+        x0 = self.model.sample_data(n, torch.Generator().manual_seed(seed)).float()
+        return to_uint8(self.decode(x0))

@@ -1,0 +1,26 @@
+"""Rebuild a sweep's summary.csv, summary.md and summary.png from its jobs' results.json.
+
+    python scripts/summarize.py multirun/sample/2026-11-27_09-00-00
+"""
+
+import argparse
+import sys
+
+from ddim_gmm_exp.sweep import write_summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", help="a Hydra multirun directory (holds one folder per job)")
+    args = parser.parse_args(argv)
+    written = write_summary(args.sweep_dir)
+    if not written:
+        print(f"error: no results.json under {args.sweep_dir}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

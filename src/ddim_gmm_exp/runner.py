@@ -1,0 +1,347 @@
+"""Build a run from its composed config, check it, sample with Lightning, report.
+
+    config -> model adapter + timesteps + GMM -> dataset of global indices -> Trainer.predict
+    (sharded over ranks) -> per-sample generators -> sample loop -> decode -> images -> metrics
+    -> rank 0: results.json, grid.png, logger (W&B scalars, image grid, table)
+
+Every check on the user's input runs here, before any sampling, and raises ConfigError.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from ddim_gmm_exp.data import SampleIndexDataset, read_prompts, resolve_labels
+from ddim_gmm_exp.diffusers import DDIMScheduler
+from ddim_gmm_exp.errors import ConfigError
+from ddim_gmm_exp.gmm import GMM, GMMHyperparameters
+from ddim_gmm_exp.images import image_grid, png_path, save_png
+from ddim_gmm_exp.metrics import (
+    MetricSuite,
+    cached_reference,
+    check_reference,
+    feature_dim,
+    load_reference,
+    make_fid,
+)
+from ddim_gmm_exp.models.base import ModelAdapter
+from ddim_gmm_exp.module import ImagesPerSecondBar, SamplingModule, SamplingPlan
+from ddim_gmm_exp.sampling import PREDICTION_TYPES, warn_gmm_without_noise
+
+log = logging.getLogger(__name__)
+
+SPACINGS = ("leading", "trailing", "linspace")
+RUN_CONFIG_FILE = "run_config.json"
+RESULTS_FILE = "results.json"
+
+
+# ----------------------------------------------------------------------------------- checks
+
+
+def check_number(name: str, value: Any, minimum: float, maximum: float | None = None, integer: bool = False) -> None:
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    ok = ok and not isinstance(value, bool) and value >= minimum and (maximum is None or value <= maximum)
+    if not ok:
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"{name}={value!r} is not allowed: it must be {kind} {allowed}")
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Ranks the trainer config asks for (devices x nodes); -1/'auto' devices count what exists."""
+    devices = trainer_cfg.get("devices", 1)
+    if devices in (-1, "auto", "-1"):
+        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+    if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    return max(1, int(devices)) * int(trainer_cfg.get("num_nodes", 1))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks that need nothing but the config."""
+    sampler, data = cfg.sampler, cfg.data
+    check_number("data.batch_size", data.batch_size, 1, integer=True)
+    check_number("data.num_samples", data.num_samples, 1, integer=True)
+    check_number("data.seed", data.seed, 0, integer=True)
+    check_number("sampler.steps", sampler.steps, 1, integer=True)
+    check_number("sampler.eta", sampler.eta, 0)
+    check_number("sampler.guidance_scale", sampler.guidance_scale, 0)
+    if sampler.timestep_spacing not in SPACINGS:
+        raise ConfigError(f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not allowed: choose one of {SPACINGS}")
+    ranks = world_size(cfg.trainer)
+    if data.num_samples < ranks:
+        raise ConfigError(f"data.num_samples={data.num_samples} is fewer than the {ranks} ranks of the trainer: "
+                          f"sample at least {ranks}")
+    fid = cfg.metrics.fid
+    if fid.enabled and data.num_samples < fid.min_samples:
+        raise ConfigError(f"data.num_samples={data.num_samples} is below metrics.fid.min_samples={fid.min_samples}: "
+                          "FID on fewer samples is not reported; raise num_samples or set metrics.fid.enabled=false")
+    if sampler.use_gmm:
+        try:
+            gmm_hyperparameters(cfg, dim=1).validate()
+        except ValueError as err:
+            raise ConfigError(f"gmm: {err}") from err
+
+
+def gmm_hyperparameters(cfg: DictConfig, dim: int) -> GMMHyperparameters:
+    g = cfg.gmm
+    return GMMHyperparameters(
+        dim=dim, n_components=g.n_components, n_steps=cfg.sampler.steps, scale=g.scale,
+        uniform_priors=g.uniform_priors, orthonormal=g.orthonormal, upper_bound_vars=g.upper_bound_vars,
+        seed=g.seed, moments=g.moments, share_across_steps=g.share_across_steps,
+    )
+
+
+# ----------------------------------------------------------------------------------- builders
+
+
+def build_adapter(cfg: DictConfig) -> ModelAdapter:
+    path = cfg.model.get("path")
+    if path is not None and not Path(path).exists():
+        raise ConfigError(f"model.path={path!r} does not exist: give a local model directory or a hub id")
+    try:
+        return hydra.utils.instantiate(cfg.model.adapter)
+    except hydra.errors.InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
+def build_scheduler(adapter: ModelAdapter, sampler_cfg: DictConfig) -> DDIMScheduler:
+    """Timesteps and schedule from the model's scheduler config, with the run's spacing."""
+    config = dict(adapter.scheduler_config) | {"timestep_spacing": sampler_cfg.timestep_spacing}
+    scheduler = DDIMScheduler.from_config(config)
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"the model's prediction_type={scheduler.config.prediction_type!r} is not one of {PREDICTION_TYPES}")
+    total = scheduler.config.num_train_timesteps
+    if sampler_cfg.steps > total:
+        raise ConfigError(f"sampler.steps={sampler_cfg.steps} is not allowed: the model was trained with {total} "
+                          f"timesteps, so steps must lie in [1, {total}]")
+    scheduler.set_timesteps(sampler_cfg.steps)
+    return scheduler
+
+
+def build_gmm(cfg: DictConfig, adapter: ModelAdapter) -> GMM | None:
+    if not cfg.sampler.use_gmm:
+        return None
+    hp = gmm_hyperparameters(cfg, adapter.dim)
+    gmm = GMM().initialize(**vars(hp))
+    log.info("GMM kernel: %s", gmm)
+    if gmm.clipped_fraction > 0:
+        log.warning("GMM: %.2f%% of offset directions have variance > 1 and were clipped", 100 * gmm.clipped_fraction)
+    if cfg.sampler.eta == 0:
+        warn_gmm_without_noise(stacklevel=2)
+    return gmm
+
+
+def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
+    fid_cfg = cfg.metrics.fid
+    extras = {}
+    fid = reference = None
+    if fid_cfg.enabled:
+        if fid_cfg.features == "model":
+            if cfg.model.get("features") is None:
+                raise ConfigError(f"metrics.fid.features='model' but model={cfg.model.name} brings no feature "
+                                  "extractor: use metrics.fid.features=inception")
+            extractor = hydra.utils.instantiate(cfg.model.features)
+        elif fid_cfg.features == "inception":
+            extractor = 2048
+        else:
+            raise ConfigError(f"metrics.fid.features={fid_cfg.features!r} is not allowed: choose 'model' or 'inception'")
+        fid = make_fid(extractor, fid_cfg.weights_path)
+        if fid_cfg.reference is not None:
+            source = f"in {fid_cfg.reference!r}"
+            reference = load_reference(fid_cfg.reference)
+        else:
+            path = cached_reference(adapter, extractor, OmegaConf.to_yaml(cfg.model), cfg.paths.cache_dir,
+                                    fid_cfg.reference_samples, fid_cfg.weights_path)
+            source, reference = f"in {str(path)!r}", load_reference(path)
+        check_reference(*reference, feature_dim(extractor), source)
+    for name, metric_cfg in (cfg.metrics.get("extra") or {}).items():
+        if metric_cfg is not None and metric_cfg.get("enabled", True):
+            extras[name] = hydra.utils.instantiate(metric_cfg.factory, adapter=adapter)
+    return MetricSuite(fid, reference, fid_name=cfg.model.get("fid_name", "fid"), extras=extras)
+
+
+def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """What decides the samples: a resumed run must match it."""
+    keep = {k: cfg[k] for k in ("model", "sampler", "gmm") if k in cfg}
+    keep["data"] = {k: v for k, v in cfg.data.items() if k != "batch_size"}
+    return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
+
+
+def indices_to_sample(cfg: DictConfig, output_dir: Path, sample_dir: Path) -> tuple[list[int], list[int]]:
+    """(to sample, already sampled). A fresh run refuses an output dir that holds samples."""
+    every = list(range(cfg.data.num_samples))
+    fingerprint_file = output_dir / RUN_CONFIG_FILE
+    fingerprint = run_fingerprint(cfg)
+    existing = {int(p.stem) for p in sample_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")} if sample_dir.is_dir() else set()
+    if cfg.resume:
+        if fingerprint_file.is_file():
+            saved = json.loads(fingerprint_file.read_text())
+            if saved != fingerprint:
+                changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+                raise ConfigError(f"resume=true but {output_dir} holds a run of another config (differs in {changed}): "
+                                  "resume with the same overrides or pick a new output dir")
+        elif existing:
+            raise ConfigError(f"resume=true but {output_dir} has samples and no {RUN_CONFIG_FILE}: cannot check its config")
+    elif existing:
+        raise ConfigError(f"{sample_dir} already holds {len(existing)} samples: pass resume=true to finish that run, "
+                          "or choose another hydra.run.dir (nothing was overwritten)")
+    done = sorted(i for i in existing if i < cfg.data.num_samples)
+    todo = [i for i in every if i not in existing]
+    return todo, done
+
+
+def build_logger(cfg: DictConfig, output_dir: Path, group: str | None) -> Any:
+    name = cfg.logger.name
+    if name == "none":
+        return False
+    if name == "csv":
+        return L.pytorch.loggers.CSVLogger(save_dir=str(output_dir), name="csv", version="")
+    if name == "wandb":
+        if cfg.logger.mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logger.mode={cfg.logger.mode!r} is not allowed: choose offline, online or disabled")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        return L.pytorch.loggers.WandbLogger(
+            project=cfg.logger.project, entity=cfg.logger.get("entity"), group=group, name=cfg.logger.get("run_name"),
+            save_dir=str(output_dir), offline=cfg.logger.mode == "offline", mode=cfg.logger.mode,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    raise ConfigError(f"logger.name={name!r} is not allowed: choose wandb, csv or none")
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def make_report(cfg: DictConfig, output_dir: Path, meta: dict[str, Any], started: float):
+    """Rank 0's report: results.json, grid.png and the logger's scalars, grid and table."""
+
+    def report(metrics: dict[str, Any], module: SamplingModule) -> None:
+        seconds = time.time() - started
+        results = meta | {
+            "metrics": {k: v for k, v in metrics.items() if k not in ("sampled", "sampling_seconds", "seconds_per_step")},
+            "num_samples": cfg.data.num_samples,
+            "sampled_this_run": metrics["sampled"],
+            "seconds": seconds,
+            "sampling_seconds": metrics["sampling_seconds"],
+            "seconds_per_step": metrics["seconds_per_step"],
+            "images_per_second": metrics["sampled"] / metrics["sampling_seconds"] if metrics["sampling_seconds"] else None,
+            "devices": module.trainer.world_size,
+            "accelerator": type(module.trainer.accelerator).__name__,
+        }
+        if module.grid:
+            save_png(image_grid(torch.stack(module.grid)), output_dir / "grid.png")
+        logger = module.trainer.logger
+        if logger:
+            logger.log_metrics(results["metrics"] | {"images_per_second": results["images_per_second"] or 0.0,
+                                                     "seconds_per_step": results["seconds_per_step"]})
+            if isinstance(logger, L.pytorch.loggers.WandbLogger):
+                if module.grid:
+                    logger.log_image("samples", [str(output_dir / "grid.png")], caption=["first 64 samples"])
+                row = [meta["sampler"], meta["steps"], meta["eta"], meta.get("n_components"), *results["metrics"].values()]
+                logger.log_table("results", columns=["sampler", "steps", "eta", "n_components", *results["metrics"]],
+                                 data=[row])
+            logger.save()
+        tmp = output_dir / (RESULTS_FILE + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(output_dir / RESULTS_FILE)
+        log.info("results: %s", json.dumps(results["metrics"]))
+
+    return report
+
+
+def run_metadata(cfg: DictConfig) -> dict[str, Any]:
+    overrides: list[str] = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra job (tests calling run() directly)
+        pass
+    return {
+        "overrides": overrides,
+        "model": cfg.model.name,
+        "sampler": cfg.sampler.name,
+        "steps": cfg.sampler.steps,
+        "eta": cfg.sampler.eta,
+        "guidance_scale": cfg.sampler.guidance_scale,
+        "n_components": cfg.gmm.n_components if cfg.sampler.use_gmm else None,
+        "moments": cfg.gmm.moments if cfg.sampler.use_gmm else None,
+        "gmm_scale": cfg.gmm.scale if cfg.sampler.use_gmm else None,
+        "seed": cfg.data.seed,
+    }
+
+
+# ----------------------------------------------------------------------------------- run
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Sample, score and report one configuration; returns the results (also in results.json)."""
+    started = time.time()
+    check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    sample_dir = output_dir / "samples"
+    adapter = build_adapter(cfg)
+    scheduler = build_scheduler(adapter, cfg.sampler)
+    labels = resolve_labels(cfg.data.labels, adapter.num_classes)
+    prompts = read_prompts(cfg.data.prompts_file)
+    if adapter.takes_prompts and prompts is None:
+        raise ConfigError(f"model={cfg.model.name} is text-conditioned: give data.prompts_file")
+    todo, done = indices_to_sample(cfg, output_dir, sample_dir)
+    metrics = build_metrics(cfg, adapter)
+    gmm = build_gmm(cfg, adapter)
+    group = cfg.logger.get("group")
+    logger = build_logger(cfg, output_dir, group)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.save_images:
+        sample_dir.mkdir(exist_ok=True)
+        (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(run_fingerprint(cfg), indent=2))
+    plan = SamplingPlan(
+        timesteps=scheduler.timesteps.tolist(), alphas_cumprod=scheduler.alphas_cumprod,
+        final_abar=scheduler.final_alpha_cumprod, eta=float(cfg.sampler.eta),
+        prediction_type=scheduler.config.prediction_type,
+        step_options={k: scheduler.config[k] for k in ("clip_sample", "clip_sample_range", "thresholding",
+                                                        "dynamic_thresholding_ratio", "sample_max_value")},
+        guidance_scale=float(cfg.sampler.guidance_scale), gmm=gmm, base_seed=cfg.data.seed,
+        labels=labels, prompts=prompts, sample_dir=sample_dir if cfg.save_images else None, resumed_indices=done,
+    )
+    log.info("sampling %d of %d samples (%d already on disk) with %s, %d steps", len(todo), cfg.data.num_samples,
+             len(done), cfg.sampler.name, cfg.sampler.steps)
+    module = SamplingModule(adapter, plan, metrics, report=make_report(cfg, output_dir, run_metadata(cfg), started))
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
+                        callbacks=[ImagesPerSecondBar()], enable_model_summary=False, enable_checkpointing=False)
+    loader = DataLoader(SampleIndexDataset(todo), batch_size=cfg.data.batch_size, shuffle=False)
+    failed = True
+    try:
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        failed = False
+    finally:
+        finish_wandb(error=failed)
+    results_file = output_dir / RESULTS_FILE
+    if not results_file.is_file():
+        raise RuntimeError(f"the run ended without writing {results_file}")
+    return json.loads(results_file.read_text())
+
+
+def finish_wandb(error: bool) -> None:
+    """Lightning never calls wandb.finish(): do it, also after an error."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if error else 0)
+
