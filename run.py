@@ -1,8 +1,8 @@
 """Entry point: compose the config with Hydra and run it (ddim_gmm_exp.runner).
 
-    python run.py                                         # the default run
-    python run.py sampler=ddim_gmm gmm.n_components=8 -m  # a sweep
-    python run.py -m sampler=ddim,ddim_gmm sampler.steps=5,10,20
+python run.py                                         # the default run
+python run.py sampler=ddim_gmm gmm.n_components=8 -m  # a sweep
+python run.py -m sampler=ddim,ddim_gmm sampler.steps=5,10,20
 """
 
 import sys

@@ -32,11 +32,17 @@ def cifar10_unet() -> torch.nn.Module:
     from diffusers import UNet2DModel
 
     return UNet2DModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
         block_out_channels=(128, 256, 256, 256),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
     )
 
 
@@ -109,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             ddim_s = median_seconds(update_fn(shape, device, None), args.repeats, device)
             for moments in args.moments:
                 for k in args.ks:
-                    gmm = GMM(device=device).initialize(dim=dim, n_components=k, n_steps=1, moments=moments,
-                                                        share_across_steps=True)
+                    gmm = GMM(device=device).initialize(
+                        dim=dim, n_components=k, n_steps=1, moments=moments, share_across_steps=True
+                    )
                     gmm_s = median_seconds(update_fn(shape, device, gmm), args.repeats, device)
                     mb = gmm.memory_bytes / 2**20
                     lines.append(

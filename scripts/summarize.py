@@ -1,6 +1,6 @@
 """Rebuild a sweep's summary.csv, summary.md and summary.png from its jobs' results.json.
 
-    python scripts/summarize.py multirun/sample/2026-11-27_09-00-00
+python scripts/summarize.py multirun/sample/2026-11-27_09-00-00
 """
 
 import argparse

@@ -15,22 +15,31 @@ from ddim_gmm_exp.noise import sample_generators
 @pytest.fixture
 def ddpm_dir(tmp_path):
     """A scheduler directory as google/ddpm-cat-256 ships it (a DDPMScheduler config)."""
-    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_small",
-                            clip_sample=True).save_pretrained(tmp_path / "scheduler")
+    diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_small", clip_sample=True
+    ).save_pretrained(tmp_path / "scheduler")
     return tmp_path
 
 
 def test_readme_snippet_runs_as_written(ddpm_dir):
     local_dir = ddpm_dir / "scheduler"
     gmm_params = GMM(device="cpu")
-    gmm_params.initialize(dim=3 * 256 * 256, n_components=16, n_steps=50, scale=1.0,
-                          uniform_priors=True, orthonormal=True, upper_bound_vars=True)
+    gmm_params.initialize(
+        dim=3 * 256 * 256,
+        n_components=16,
+        n_steps=50,
+        scale=1.0,
+        uniform_priors=True,
+        orthonormal=True,
+        upper_bound_vars=True,
+    )
     scheduler = DDIMScheduler.from_pretrained(local_dir)
     scheduler.set_gmm_params(gmm_params=gmm_params)
     scheduler.set_timesteps(50)
     x = torch.randn(1, 3, 256, 256)
-    out = scheduler.step(torch.zeros_like(x), scheduler.timesteps[0], x, eta=1.0,
-                         generator=torch.Generator().manual_seed(0))
+    out = scheduler.step(
+        torch.zeros_like(x), scheduler.timesteps[0], x, eta=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert out.prev_sample.shape == x.shape
     assert DDIMGMMScheduler is DDIMScheduler
     assert isinstance(scheduler, diffusers.DDIMScheduler)
@@ -52,8 +61,17 @@ def step_all(scheduler, x, seeds, eta=1.0):
 
 @pytest.mark.parametrize("moments", ["diagonal", "full"])
 def test_config_round_trip_rebuilds_the_kernel(tmp_path, moments):
-    gmm = GMM().initialize(dim=48, n_components=4, n_steps=8, scale=0.8, uniform_priors=False,
-                           orthonormal=False, upper_bound_vars=True, seed=7, moments=moments)
+    gmm = GMM().initialize(
+        dim=48,
+        n_components=4,
+        n_steps=8,
+        scale=0.8,
+        uniform_priors=False,
+        orthonormal=False,
+        upper_bound_vars=True,
+        seed=7,
+        moments=moments,
+    )
     scheduler = DDIMScheduler(timestep_spacing="trailing")
     scheduler.set_gmm_params(gmm_params=gmm)
     scheduler.set_timesteps(8)
@@ -147,17 +165,35 @@ def test_warns_once_for_gmm_with_eta_zero():
 
 def tiny_stable_diffusion(scheduler):
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
     )
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
     )
     return diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -168,9 +204,17 @@ def test_stable_diffusion_pipeline_keeps_our_scheduler():
     embeds = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
 
     def run(eta):
-        return pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), height=16, width=16,
-                    num_inference_steps=4, eta=eta, guidance_scale=2.0, output_type="np",
-                    generator=torch.Generator().manual_seed(1)).images
+        return pipe(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=torch.zeros_like(embeds),
+            height=16,
+            width=16,
+            num_inference_steps=4,
+            eta=eta,
+            guidance_scale=2.0,
+            output_type="np",
+            generator=torch.Generator().manual_seed(1),
+        ).images
 
     plain = run(1.0)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -183,9 +227,16 @@ def test_stable_diffusion_pipeline_keeps_our_scheduler():
 
 def test_ddim_pipeline_rebuilds_the_scheduler():
     """The documented trap: DDIMPipeline converts any scheduler to a plain diffusers DDIMScheduler."""
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8),
-                                 layers_per_block=1, norm_num_groups=4,
-                                 down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+    )
     ours = DDIMScheduler()
     ours.set_gmm_params(GMM().initialize(dim=192, n_components=4, n_steps=5))
     pipe = diffusers.DDIMPipeline(unet=unet, scheduler=ours)

@@ -13,8 +13,15 @@ FLAGS = list(itertools.product([True, False], repeat=3))  # orthonormal, upper_b
 
 def build(dim, k, moments, orthonormal=True, upper=True, uniform=True, scale=1.0, n_steps=1, **kw):
     return GMM(dtype=torch.float64).initialize(
-        dim=dim, n_components=k, n_steps=n_steps, scale=scale, uniform_priors=uniform,
-        orthonormal=orthonormal, upper_bound_vars=upper, moments=moments, **kw,
+        dim=dim,
+        n_components=k,
+        n_steps=n_steps,
+        scale=scale,
+        uniform_priors=uniform,
+        orthonormal=orthonormal,
+        upper_bound_vars=upper,
+        moments=moments,
+        **kw,
     )
 
 
@@ -89,7 +96,7 @@ def test_full_orthonormal_uniform_is_regular_simplex():
     assert torch.allclose(norms, norms[0].expand(5), rtol=1e-10)
     gram = delta @ delta.T
     off_diagonal = gram[~torch.eye(5, dtype=torch.bool)]
-    assert torch.allclose(off_diagonal, -norms[0] ** 2 / 4 * torch.ones_like(off_diagonal), rtol=1e-9)
+    assert torch.allclose(off_diagonal, -(norms[0] ** 2) / 4 * torch.ones_like(off_diagonal), rtol=1e-9)
 
 
 def expected_clipping(moments, orthonormal, upper, k):
@@ -108,7 +115,7 @@ def test_clipping_reported_exactly_where_method_says(moments, orthonormal, upper
     c = offset_cov(gmm)
     # an independent count of the directions whose offset variance exceeds 1
     if moments == "full":
-        eig = torch.linalg.eigvalsh(c)[-(k - 1):]
+        eig = torch.linalg.eigvalsh(c)[-(k - 1) :]
         fraction = (eig > 1 + 1e-9).double().mean().item()
     else:
         fraction = (torch.diagonal(c) > 1 + 1e-9).double().mean().item()
@@ -168,8 +175,10 @@ def test_shared_parameters_use_one_step_of_memory():
 
 
 def test_trivial_kernels():
-    for gmm in (GMM().initialize(dim=12, n_components=1, n_steps=1),
-                GMM().initialize(dim=12, n_components=6, n_steps=1, scale=0.0)):
+    for gmm in (
+        GMM().initialize(dim=12, n_components=1, n_steps=1),
+        GMM().initialize(dim=12, n_components=6, n_steps=1, scale=0.0),
+    ):
         assert gmm.is_trivial
         z = torch.randn(3, 12)
         assert gmm.unit_noise(0, z, torch.zeros(3, dtype=torch.long)) is z

@@ -19,8 +19,15 @@ def model():
 def test_readme_snippet_runs_as_written():
     diffusion_model = ToyGMMModel.random(shape=(3, 64, 64))
     gmm_params = GMM()  # GMM(gpu=0) on a GPU machine
-    gmm_params.initialize(dim=3 * 64 * 64, n_components=16, n_steps=50, scale=1.0,
-                          uniform_priors=True, orthonormal=True, upper_bound_vars=True)
+    gmm_params.initialize(
+        dim=3 * 64 * 64,
+        n_components=16,
+        n_steps=50,
+        scale=1.0,
+        uniform_priors=True,
+        orthonormal=True,
+        upper_bound_vars=True,
+    )
     sampler = DDIMSampler(model=diffusion_model, gmm=True, gmm_params=gmm_params)
     sampler.make_schedule(ddim_num_steps=50, ddim_eta=0.0)
     with pytest.warns(UserWarning, match="no variance to act on"):
@@ -61,9 +68,18 @@ def test_compvis_arguments(model):
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     sampler = DDIMSampler(model)
     samples, inter = sampler.sample(
-        S=steps, batch_size=2, shape=(3, 8, 8), conditioning=labels, callback=called.append,
-        img_callback=lambda x0, i: images.append(i), eta=0.0, x_T=x_T, log_every_t=log_every_t,
-        unconditional_guidance_scale=1.0, unconditional_conditioning=null, verbose=False,
+        S=steps,
+        batch_size=2,
+        shape=(3, 8, 8),
+        conditioning=labels,
+        callback=called.append,
+        img_callback=lambda x0, i: images.append(i),
+        eta=0.0,
+        x_T=x_T,
+        log_every_t=log_every_t,
+        unconditional_guidance_scale=1.0,
+        unconditional_conditioning=null,
+        verbose=False,
     )
     assert called == list(range(steps)) and images == list(range(steps))
     # x_T, then every log_every_t-th index counting down, and the last step
@@ -73,8 +89,15 @@ def test_compvis_arguments(model):
     # guidance scale 1 is the conditional model; guidance changes the output
     cond, _ = sampler.sample(S=steps, batch_size=2, shape=(3, 8, 8), conditioning=labels, x_T=x_T)
     assert torch.equal(cond, samples)
-    guided, _ = sampler.sample(S=steps, batch_size=2, shape=(3, 8, 8), conditioning=labels, x_T=x_T,
-                               unconditional_guidance_scale=3.0, unconditional_conditioning=null)
+    guided, _ = sampler.sample(
+        S=steps,
+        batch_size=2,
+        shape=(3, 8, 8),
+        conditioning=labels,
+        x_T=x_T,
+        unconditional_guidance_scale=3.0,
+        unconditional_conditioning=null,
+    )
     assert not torch.allclose(guided, samples)
     # the guided output is out_u + s (out_c - out_u), computed in one batched call
     x, t = x_T, torch.full((2,), 500)
@@ -104,8 +127,7 @@ def test_gmm_sampler_is_reproducible_per_sample(model):
     sampler = DDIMSampler(model, gmm=True, gmm_params=gmm)
     a, _ = sampler.sample(S=10, batch_size=3, shape=(3, 8, 8), eta=1.0, generator=sample_generators([4, 5, 6]))
     b, _ = sampler.sample(S=10, batch_size=1, shape=(3, 8, 8), eta=1.0, generator=sample_generators([5]))
-    plain, _ = DDIMSampler(model).sample(S=10, batch_size=1, shape=(3, 8, 8), eta=1.0,
-                                         generator=sample_generators([5]))
+    plain, _ = DDIMSampler(model).sample(S=10, batch_size=1, shape=(3, 8, 8), eta=1.0, generator=sample_generators([5]))
     assert torch.allclose(a[1], b[0], atol=1e-6)
     assert not torch.allclose(plain, b)
 

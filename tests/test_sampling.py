@@ -37,12 +37,21 @@ def model_output_for(x, t):
 
 @pytest.mark.parametrize(
     "prediction_type,eta,spacing,clip",
-    list(itertools.product(["epsilon", "v_prediction", "sample"], [0.0, 0.5, 1.0],
-                           ["leading", "trailing"], [True, False])),
+    list(
+        itertools.product(
+            ["epsilon", "v_prediction", "sample"], [0.0, 0.5, 1.0], ["leading", "trailing"], [True, False]
+        )
+    ),
 )
 def test_parity_with_diffusers_step(prediction_type, eta, spacing, clip):
-    config = dict(num_train_timesteps=1000, prediction_type=prediction_type, timestep_spacing=spacing,
-                  clip_sample=clip, set_alpha_to_one=False, steps_offset=1 if spacing == "leading" else 0)
+    config = dict(
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        timestep_spacing=spacing,
+        clip_sample=clip,
+        set_alpha_to_one=False,
+        steps_offset=1 if spacing == "leading" else 0,
+    )
     ours, theirs = DDIMScheduler(**config), diffusers.DDIMScheduler(**config)
     ours.set_timesteps(10)
     theirs.set_timesteps(10)
@@ -76,8 +85,16 @@ def run_toy(model, gmm=None, eta=1.0, steps=10, seeds=range(6), shape=(3, 4, 4))
     generators = sample_generators(seeds)
     x = randn((len(seeds), *shape), generators)
     timesteps = list(range(999, -1, -1000 // steps))
-    return sample_ddim(lambda x, t: model.apply_model(x, t, None), x, timesteps, model.alphas_cumprod.float(),
-                       1.0, eta=eta, gmm=gmm, generator=generators)
+    return sample_ddim(
+        lambda x, t: model.apply_model(x, t, None),
+        x,
+        timesteps,
+        model.alphas_cumprod.float(),
+        1.0,
+        eta=eta,
+        gmm=gmm,
+        generator=generators,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +145,13 @@ def test_a_sample_does_not_depend_on_its_batch(toy, moments):
 
 @pytest.mark.parametrize(
     "sampler,eta,moments",
-    [("ddim", 0.0, None), ("ddim", 1.0, None), ("ddim_gmm", 0.0, "diagonal"),
-     ("ddim_gmm", 1.0, "diagonal"), ("ddim_gmm", 1.0, "full")],
+    [
+        ("ddim", 0.0, None),
+        ("ddim", 1.0, None),
+        ("ddim_gmm", 0.0, "diagonal"),
+        ("ddim_gmm", 1.0, "diagonal"),
+        ("ddim_gmm", 1.0, "full"),
+    ],
 )
 def test_toy_loop_reproduces_the_data_law(sampler, eta, moments):
     """200 steps with the exact eps: the samples' mean and covariance are the data law's."""
@@ -140,9 +162,20 @@ def test_toy_loop_reproduces_the_data_law(sampler, eta, moments):
         gmm = GMM().initialize(dim=4, n_components=8, n_steps=200, moments=moments)
     x = torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     timesteps = list(range(995, -1, -5))
-    samples = sample_ddim(lambda x, t: model.eps(x, t), x, timesteps, model.alphas_cumprod.float(),
-                          model.alphas_cumprod[0].float(), eta=eta, gmm=gmm,
-                          generator=torch.Generator().manual_seed(1)).reshape(n, 4).double()
+    samples = (
+        sample_ddim(
+            lambda x, t: model.eps(x, t),
+            x,
+            timesteps,
+            model.alphas_cumprod.float(),
+            model.alphas_cumprod[0].float(),
+            eta=eta,
+            gmm=gmm,
+            generator=torch.Generator().manual_seed(1),
+        )
+        .reshape(n, 4)
+        .double()
+    )
     mean, cov = model.mean(), model.covariance()
     std_err_mean = (torch.diagonal(cov) / n).sqrt()
     assert ((samples.mean(0) - mean).abs() < 5 * std_err_mean).all(), (samples.mean(0), mean)

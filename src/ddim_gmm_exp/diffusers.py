@@ -169,11 +169,21 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             if gmm is not None:
                 gmm.check_shape(tuple(model_output.shape))
             noise = kernel_noise(
-                model_output.shape, generator, device=model_output.device, dtype=model_output.dtype,
-                gmm=gmm, step_index=i, z=variance_noise,
+                model_output.shape,
+                generator,
+                device=model_output.device,
+                dtype=model_output.dtype,
+                gmm=gmm,
+                step_index=i,
+                z=variance_noise,
             )
         prev_sample, x0 = ddim_step(
-            model_output, sample, abar_t, abar_prev, eta, noise,
+            model_output,
+            sample,
+            abar_t,
+            abar_prev,
+            eta,
+            noise,
             prediction_type=self.config.prediction_type,
             clip_sample=self.config.clip_sample,
             clip_sample_range=self.config.clip_sample_range,

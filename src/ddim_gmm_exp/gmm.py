@@ -87,13 +87,9 @@ def resolve_device(gpu: int | None = None, device: str | torch.device | None = N
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"device={device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:N' or 'mps'"
-        ) from err
+        raise ValueError(f"device={device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:N' or 'mps'") from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={str(resolved)!r} is not available here (no CUDA device): use GMM() for the CPU"
-        )
+        raise ValueError(f"device={str(resolved)!r} is not available here (no CUDA device): use GMM() for the CPU")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device={str(resolved)!r} is not available here: use GMM() for the CPU")
     return resolved
@@ -142,9 +138,7 @@ def shaped_offsets(
     return u, shaped, coords
 
 
-def offset_scale_factor(
-    basis: torch.Tensor, singular: torch.Tensor, hp: GMMHyperparameters
-) -> float:
+def offset_scale_factor(basis: torch.Tensor, singular: torch.Tensor, hp: GMMHyperparameters) -> float:
     """The one number a that the offsets are multiplied by (METHOD.md step 6).
 
     full: largest (upper_bound_vars) or mean eigenvalue of C over its r directions is scale^2.
@@ -356,9 +350,7 @@ class GMM:
 
     # ----------------------------------------------------------------------------- draws
 
-    def draw_components(
-        self, step_index: int, batch_size: int, generator: Generators = None
-    ) -> torch.Tensor:
+    def draw_components(self, step_index: int, batch_size: int, generator: Generators = None) -> torch.Tensor:
         """k ~ Categorical(pi_i) for each sample: one uniform from its generator, inverted."""
         i = self._stored_index(step_index)
         uniforms = rand(batch_size, generator, device=self.device)
@@ -396,4 +388,3 @@ def _check_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed: choose one of {DTYPES}")
     return dtype
-

@@ -47,5 +47,5 @@ def image_grid(images: torch.Tensor, pad: int = 1) -> torch.Tensor:
     for i in range(b):
         r, col = divmod(i, cols)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top:top + h, left:left + w] = images[i]
+        grid[:, top : top + h, left : left + w] = images[i]
     return grid

@@ -33,8 +33,14 @@ DISCRETIZATIONS = ("uniform", "quad")
 PARAMETERIZATIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # CompVis arguments that this sampler does not implement; accepted only at their no-op value
 _UNSUPPORTED = {
-    "mask": None, "x0": None, "quantize_x0": False, "normals_sequence": None,
-    "score_corrector": None, "corrector_kwargs": None, "temperature": 1.0, "noise_dropout": 0.0,
+    "mask": None,
+    "x0": None,
+    "quantize_x0": False,
+    "normals_sequence": None,
+    "score_corrector": None,
+    "corrector_kwargs": None,
+    "temperature": 1.0,
+    "noise_dropout": 0.0,
 }
 
 
@@ -42,8 +48,10 @@ def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps
     """CompVis's DDIM timesteps, ascending ('uniform': range(0, T, T // S) + 1; 'quad')."""
     if method not in DISCRETIZATIONS:
         raise ValueError(f"ddim_discretize={method!r} is not allowed: choose one of {DISCRETIZATIONS}")
-    if isinstance(num_ddim_timesteps, bool) or not isinstance(num_ddim_timesteps, int | np.integer) or not (
-        1 <= num_ddim_timesteps <= num_ddpm_timesteps
+    if (
+        isinstance(num_ddim_timesteps, bool)
+        or not isinstance(num_ddim_timesteps, int | np.integer)
+        or not (1 <= num_ddim_timesteps <= num_ddpm_timesteps)
     ):
         raise ValueError(
             f"steps={num_ddim_timesteps!r} is not allowed: it must be an integer in "
@@ -170,8 +178,9 @@ class DDIMSampler:
         intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [x], "pred_x0": [x]}
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.guided_model_output(x, t, conditioning, unconditional_guidance_scale,
-                                            unconditional_conditioning)
+            return self.guided_model_output(
+                x, t, conditioning, unconditional_guidance_scale, unconditional_conditioning
+            )
 
         def on_step(i: int, t: torch.Tensor, x_prev: torch.Tensor, x0: torch.Tensor) -> None:
             index = len(timesteps) - i - 1
@@ -184,15 +193,20 @@ class DDIMSampler:
                 intermediates["pred_x0"].append(x0)
 
         samples = sample_ddim(
-            denoise, x, timesteps, self.alphas_cumprod, self.alphas_cumprod[0], eta=eta,
-            gmm=self.gmm_params, generator=generator, callback=on_step,
+            denoise,
+            x,
+            timesteps,
+            self.alphas_cumprod,
+            self.alphas_cumprod[0],
+            eta=eta,
+            gmm=self.gmm_params,
+            generator=generator,
+            callback=on_step,
             prediction_type=self.prediction_type,
         )
         return samples, intermediates
 
-    def guided_model_output(
-        self, x: torch.Tensor, t: torch.Tensor, c: Any, scale: float, uc: Any
-    ) -> torch.Tensor:
+    def guided_model_output(self, x: torch.Tensor, t: torch.Tensor, c: Any, scale: float, uc: Any) -> torch.Tensor:
         """Model output with classifier-free guidance: out_u + scale * (out_c - out_u)."""
         return classifier_free_guidance(self.model.apply_model, x, t, c, uc, scale)
 
@@ -213,8 +227,7 @@ def _reject_unsupported(kwargs: dict[str, Any]) -> None:
         default = _UNSUPPORTED[name]
         if (value is not None) if default is None else (value != default):
             raise ValueError(
-                f"{name}={value!r} is not supported by this DDIMSampler: leave it at "
-                f"{default!r} (CompVis's default)"
+                f"{name}={value!r} is not supported by this DDIMSampler: leave it at {default!r} (CompVis's default)"
             )
 
 

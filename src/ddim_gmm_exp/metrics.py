@@ -28,9 +28,7 @@ from ddim_gmm_exp.errors import ConfigError
 log = logging.getLogger(__name__)
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
-)
+INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 REFERENCE_N = 50_000  # the count written into the states; any n > 1 recovers mu and sigma exactly
 
 
@@ -52,7 +50,9 @@ def inception_weights_path(weights_path: str | None) -> str:
     """
     if weights_path:
         if not Path(weights_path).is_file():
-            raise ConfigError(f"metrics.fid.weights_path={weights_path!r} does not exist: give the path of {INCEPTION_WEIGHTS_FILE}")
+            raise ConfigError(
+                f"metrics.fid.weights_path={weights_path!r} does not exist: give the path of {INCEPTION_WEIGHTS_FILE}"
+            )
         return str(weights_path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
     if cached.is_file():
@@ -80,8 +80,10 @@ def load_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from an EDM-style .npz."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"metrics.fid.reference={str(path)!r} does not exist: give an .npz with mu and sigma "
-                          "(scripts/fid_stats.py makes one), or null to compute it from the model's reference images")
+        raise ConfigError(
+            f"metrics.fid.reference={str(path)!r} does not exist: give an .npz with mu and sigma "
+            "(scripts/fid_stats.py makes one), or null to compute it from the model's reference images"
+        )
     try:
         with np.load(path) as data:
             return np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64)
@@ -95,8 +97,9 @@ def save_reference(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> None:
     np.savez(path, mu=mu, sigma=sigma)
 
 
-def statistics_of(extractor: torch.nn.Module | int, batches: Any, weights_path: str | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def statistics_of(
+    extractor: torch.nn.Module | int, batches: Any, weights_path: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the features of uint8 image batches, through the same FID metric code."""
     fid = make_fid(extractor, weights_path)
     for images in batches:
@@ -115,8 +118,14 @@ def check_reference(mu: np.ndarray, sigma: np.ndarray, dim: int, source: str) ->
         )
 
 
-def cached_reference(adapter: Any, extractor: torch.nn.Module | int, model_key: str, cache_dir: str | Path,
-                     n: int, weights_path: str | None = None) -> Path:
+def cached_reference(
+    adapter: Any,
+    extractor: torch.nn.Module | int,
+    model_key: str,
+    cache_dir: str | Path,
+    n: int,
+    weights_path: str | None = None,
+) -> Path:
     """Reference statistics of the model family's real images, computed once and cached."""
     key = hashlib.sha1(f"{model_key}|{type(extractor).__name__}|{feature_dim(extractor)}|{n}".encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"fid_ref_{key}.npz"
@@ -137,9 +146,13 @@ class MetricSuite(torch.nn.Module):
     arguments of its update().
     """
 
-    def __init__(self, fid: FrechetInceptionDistance | None = None, reference: tuple[np.ndarray, np.ndarray] | None = None,
-                 fid_name: str = "fid",
-                 extras: dict[str, tuple[Metric, Callable[..., tuple]]] | None = None) -> None:
+    def __init__(
+        self,
+        fid: FrechetInceptionDistance | None = None,
+        reference: tuple[np.ndarray, np.ndarray] | None = None,
+        fid_name: str = "fid",
+        extras: dict[str, tuple[Metric, Callable[..., tuple]]] | None = None,
+    ) -> None:
         super().__init__()
         self.fid = fid
         self.fid_name = fid_name
@@ -153,8 +166,9 @@ class MetricSuite(torch.nn.Module):
             metric.reset()
         if self.fid is None or self.reference is None or global_rank != 0:
             return
-        mu, sigma = (torch.as_tensor(a, dtype=torch.float64, device=self.fid.real_features_sum.device)
-                     for a in self.reference)
+        mu, sigma = (
+            torch.as_tensor(a, dtype=torch.float64, device=self.fid.real_features_sum.device) for a in self.reference
+        )
         self.fid.real_features_sum = REFERENCE_N * mu
         self.fid.real_features_cov_sum = (REFERENCE_N - 1) * sigma + REFERENCE_N * torch.outer(mu, mu)
         self.fid.real_features_num_samples = torch.tensor(REFERENCE_N, device=mu.device)
@@ -162,7 +176,9 @@ class MetricSuite(torch.nn.Module):
     def metrics(self) -> list[Metric]:
         return ([self.fid] if self.fid is not None else []) + list(self.extras.values())
 
-    def update(self, images: torch.Tensor, labels: torch.Tensor | None = None, prompts: list[str] | None = None) -> None:
+    def update(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, prompts: list[str] | None = None
+    ) -> None:
         """Feed a batch of generated uint8 images (B, C, H, W)."""
         if self.fid is not None:
             self.fid.update(images, real=False)

@@ -48,8 +48,13 @@ class SamplingPlan:
 class SamplingModule(L.LightningModule):
     """predict_step = sample a batch of global indices with the core library, then score it."""
 
-    def __init__(self, adapter: ModelAdapter, plan: SamplingPlan, metrics: MetricSuite,
-                 report: Callable[[dict[str, Any], SamplingModule], None] | None = None) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        plan: SamplingPlan,
+        metrics: MetricSuite,
+        report: Callable[[dict[str, Any], list[torch.Tensor], Any], None] | None = None,
+    ) -> None:
         super().__init__()
         self.adapter = adapter
         self.plan = plan
@@ -59,6 +64,7 @@ class SamplingModule(L.LightningModule):
         self._gmm_on_device: GMM | None = None
         self._seconds = 0.0
         self._count = 0
+        self._batches = 0
         self.first_images: list[torch.Tensor] = []
 
     def on_predict_start(self) -> None:
@@ -66,7 +72,7 @@ class SamplingModule(L.LightningModule):
         if self.plan.gmm is not None:
             self._gmm_on_device = self.plan.gmm.to(self.device)
         self.metrics.reset_and_load_reference(self.global_rank)
-        self._seconds, self._count, self.first_images = 0.0, 0, []
+        self._seconds, self._count, self._batches, self.first_images = 0.0, 0, 0, []
         if self.global_rank == 0:
             self._score_resumed_images()
 
@@ -74,7 +80,7 @@ class SamplingModule(L.LightningModule):
         """Indices sampled by an earlier, interrupted run: their metric features from their PNGs."""
         resumed = self.plan.resumed_indices
         for start in range(0, len(resumed), 256):
-            chunk = torch.tensor(resumed[start:start + 256])
+            chunk = torch.tensor(resumed[start : start + 256])
             images = torch.stack([load_png(png_path(self.plan.sample_dir, int(i))) for i in chunk]).to(self.device)
             self.metrics.update(images, labels_of(chunk, self.plan.labels), prompts_of(chunk, self.plan.prompts))
             self._keep_for_grid(chunk, images)
@@ -98,9 +104,18 @@ class SamplingModule(L.LightningModule):
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return classifier_free_guidance(adapter.model_output, x, t, cond, uncond, plan.guidance_scale)
 
-        return sample_ddim(denoise, x, plan.timesteps, plan.alphas_cumprod, plan.final_abar, eta=plan.eta,
-                           gmm=self._gmm_on_device, generator=generators, prediction_type=plan.prediction_type,
-                           **plan.step_options)
+        return sample_ddim(
+            denoise,
+            x,
+            plan.timesteps,
+            plan.alphas_cumprod,
+            plan.final_abar,
+            eta=plan.eta,
+            gmm=self._gmm_on_device,
+            generator=generators,
+            prediction_type=plan.prediction_type,
+            **plan.step_options,
+        )
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         indices = batch.cpu()
@@ -110,6 +125,7 @@ class SamplingModule(L.LightningModule):
             torch.cuda.synchronize(self.device)
         self._seconds += time.perf_counter() - start
         self._count += len(indices)
+        self._batches += 1
         images = to_uint8(self.adapter.decode(samples))
         self.metrics.update(images, labels_of(indices, self.plan.labels), prompts_of(indices, self.plan.prompts))
         self._keep_for_grid(indices, images)
@@ -118,22 +134,46 @@ class SamplingModule(L.LightningModule):
                 save_png(image, png_path(self.plan.sample_dir, i))
 
     def on_predict_epoch_end(self) -> None:
-        results = self.metrics.compute()  # a collective: every rank calls it
         strategy = self.trainer.strategy
+        results = self.metrics.compute()  # a collective: every rank calls it
         count = strategy.reduce(torch.tensor(float(self._count), device=self.device), reduce_op="sum")
         seconds = strategy.reduce(torch.tensor(self._seconds, device=self.device), reduce_op="max")
-        grid_images = gather_objects(self.first_images, self.trainer.world_size)
-        results["sampled"] = int(count)
-        results["sampling_seconds"] = float(seconds)
-        results["seconds_per_step"] = float(seconds) / max(1, len(self.plan.timesteps) * self._num_batches())
-        self.results = results
-        self.grid = [img for _, img in sorted((p for part in grid_images for p in part), key=lambda p: p[0])][:64]
-        if self.global_rank == 0 and self.report is not None:
-            self.report(results, self)
+        self.finish(
+            results,
+            int(count),
+            float(seconds),
+            gather_objects(self.first_images, self.trainer.world_size),
+            self.trainer.world_size,
+            type(self.trainer.accelerator).__name__,
+            self.trainer.logger,
+        )
 
-    def _num_batches(self) -> int:
-        loaders = self.trainer.num_predict_batches
-        return int(sum(loaders)) if loaders else 1
+    def score_without_sampling(self, logger: Any) -> None:
+        """Every sample is already on disk (a resumed run that was killed after its last PNG)."""
+        self.metrics.reset_and_load_reference(0)
+        self._score_resumed_images()
+        self.finish(self.metrics.compute(), 0, 0.0, [self.first_images], 1, "none", logger)
+
+    def finish(
+        self,
+        results: dict[str, Any],
+        count: int,
+        seconds: float,
+        grid_parts: list[list],
+        world_size: int,
+        accelerator: str,
+        logger: Any,
+    ) -> None:
+        """Add the run's counts and times, keep the first 64 images, and report on rank 0."""
+        results["sampled"] = count
+        results["sampling_seconds"] = seconds
+        results["seconds_per_step"] = self._seconds / max(1, self._batches * len(self.plan.timesteps))
+        results["devices"] = world_size
+        results["accelerator"] = accelerator
+        self.results = results
+        self.grid = [img for _, img in sorted((p for part in grid_parts for p in part), key=lambda p: p[0])][:64]
+        if self.global_rank == 0 and self.report is not None:
+            self.report(results, self.grid, logger)
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -148,8 +188,15 @@ def gather_objects(obj: Any, world_size: int) -> list[Any]:
 class ImagesPerSecondBar(TQDMProgressBar):
     """Lightning's progress bar, with this rank's images per second in the predict bar."""
 
-    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
         seconds = getattr(pl_module, "_seconds", 0.0)
         if self.predict_progress_bar is not None and seconds > 0:

@@ -69,9 +69,7 @@ def randn(
         out = torch.randn(shape, generator=_single(generator), device=draw_device, dtype=dtype)
     else:
         one = (1,) + shape[1:]
-        out = torch.cat(
-            [torch.randn(one, generator=g, device=draw_device, dtype=dtype) for g in generators]
-        )
+        out = torch.cat([torch.randn(one, generator=g, device=draw_device, dtype=dtype) for g in generators])
     return out.to(device)
 
 
@@ -85,11 +83,7 @@ def rand(
     draw_device = _draw_device(generator, device)
     generators = _as_generator_list(generator, batch_size)
     if generators is None:
-        out = torch.rand(
-            (batch_size,), generator=_single(generator), device=draw_device, dtype=torch.float64
-        )
+        out = torch.rand((batch_size,), generator=_single(generator), device=draw_device, dtype=torch.float64)
     else:
-        out = torch.cat(
-            [torch.rand((1,), generator=g, device=draw_device, dtype=torch.float64) for g in generators]
-        )
+        out = torch.cat([torch.rand((1,), generator=g, device=draw_device, dtype=torch.float64) for g in generators])
     return out.to(device)

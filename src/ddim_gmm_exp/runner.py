@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from ddim_gmm_exp.data import SampleIndexDataset, read_prompts, resolve_labels
 from ddim_gmm_exp.diffusers import DDIMScheduler
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.gmm import GMM, GMMHyperparameters
-from ddim_gmm_exp.images import image_grid, png_path, save_png
+from ddim_gmm_exp.images import image_grid, save_png
 from ddim_gmm_exp.metrics import (
     MetricSuite,
     cached_reference,
@@ -78,15 +79,21 @@ def check_config(cfg: DictConfig) -> None:
     check_number("sampler.eta", sampler.eta, 0)
     check_number("sampler.guidance_scale", sampler.guidance_scale, 0)
     if sampler.timestep_spacing not in SPACINGS:
-        raise ConfigError(f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not allowed: choose one of {SPACINGS}")
+        raise ConfigError(
+            f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not allowed: choose one of {SPACINGS}"
+        )
     ranks = world_size(cfg.trainer)
     if data.num_samples < ranks:
-        raise ConfigError(f"data.num_samples={data.num_samples} is fewer than the {ranks} ranks of the trainer: "
-                          f"sample at least {ranks}")
+        raise ConfigError(
+            f"data.num_samples={data.num_samples} is fewer than the {ranks} ranks of the trainer: "
+            f"sample at least {ranks}"
+        )
     fid = cfg.metrics.fid
     if fid.enabled and data.num_samples < fid.min_samples:
-        raise ConfigError(f"data.num_samples={data.num_samples} is below metrics.fid.min_samples={fid.min_samples}: "
-                          "FID on fewer samples is not reported; raise num_samples or set metrics.fid.enabled=false")
+        raise ConfigError(
+            f"data.num_samples={data.num_samples} is below metrics.fid.min_samples={fid.min_samples}: "
+            "FID on fewer samples is not reported; raise num_samples or set metrics.fid.enabled=false"
+        )
     if sampler.use_gmm:
         try:
             gmm_hyperparameters(cfg, dim=1).validate()
@@ -97,9 +104,16 @@ def check_config(cfg: DictConfig) -> None:
 def gmm_hyperparameters(cfg: DictConfig, dim: int) -> GMMHyperparameters:
     g = cfg.gmm
     return GMMHyperparameters(
-        dim=dim, n_components=g.n_components, n_steps=cfg.sampler.steps, scale=g.scale,
-        uniform_priors=g.uniform_priors, orthonormal=g.orthonormal, upper_bound_vars=g.upper_bound_vars,
-        seed=g.seed, moments=g.moments, share_across_steps=g.share_across_steps,
+        dim=dim,
+        n_components=g.n_components,
+        n_steps=cfg.sampler.steps,
+        scale=g.scale,
+        uniform_priors=g.uniform_priors,
+        orthonormal=g.orthonormal,
+        upper_bound_vars=g.upper_bound_vars,
+        seed=g.seed,
+        moments=g.moments,
+        share_across_steps=g.share_across_steps,
     )
 
 
@@ -124,11 +138,15 @@ def build_scheduler(adapter: ModelAdapter, sampler_cfg: DictConfig) -> DDIMSched
     config = dict(adapter.scheduler_config) | {"timestep_spacing": sampler_cfg.timestep_spacing}
     scheduler = DDIMScheduler.from_config(config)
     if scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(f"the model's prediction_type={scheduler.config.prediction_type!r} is not one of {PREDICTION_TYPES}")
+        raise ConfigError(
+            f"the model's prediction_type={scheduler.config.prediction_type!r} is not one of {PREDICTION_TYPES}"
+        )
     total = scheduler.config.num_train_timesteps
     if sampler_cfg.steps > total:
-        raise ConfigError(f"sampler.steps={sampler_cfg.steps} is not allowed: the model was trained with {total} "
-                          f"timesteps, so steps must lie in [1, {total}]")
+        raise ConfigError(
+            f"sampler.steps={sampler_cfg.steps} is not allowed: the model was trained with {total} "
+            f"timesteps, so steps must lie in [1, {total}]"
+        )
     scheduler.set_timesteps(sampler_cfg.steps)
     return scheduler
 
@@ -153,20 +171,30 @@ def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
     if fid_cfg.enabled:
         if fid_cfg.features == "model":
             if cfg.model.get("features") is None:
-                raise ConfigError(f"metrics.fid.features='model' but model={cfg.model.name} brings no feature "
-                                  "extractor: use metrics.fid.features=inception")
+                raise ConfigError(
+                    f"metrics.fid.features='model' but model={cfg.model.name} brings no feature "
+                    "extractor: use metrics.fid.features=inception"
+                )
             extractor = hydra.utils.instantiate(cfg.model.features)
         elif fid_cfg.features == "inception":
             extractor = 2048
         else:
-            raise ConfigError(f"metrics.fid.features={fid_cfg.features!r} is not allowed: choose 'model' or 'inception'")
+            raise ConfigError(
+                f"metrics.fid.features={fid_cfg.features!r} is not allowed: choose 'model' or 'inception'"
+            )
         fid = make_fid(extractor, fid_cfg.weights_path)
         if fid_cfg.reference is not None:
             source = f"in {fid_cfg.reference!r}"
             reference = load_reference(fid_cfg.reference)
         else:
-            path = cached_reference(adapter, extractor, OmegaConf.to_yaml(cfg.model), cfg.paths.cache_dir,
-                                    fid_cfg.reference_samples, fid_cfg.weights_path)
+            path = cached_reference(
+                adapter,
+                extractor,
+                OmegaConf.to_yaml(cfg.model),
+                cfg.paths.cache_dir,
+                fid_cfg.reference_samples,
+                fid_cfg.weights_path,
+            )
             source, reference = f"in {str(path)!r}", load_reference(path)
         check_reference(*reference, feature_dim(extractor), source)
     for name, metric_cfg in (cfg.metrics.get("extra") or {}).items():
@@ -187,19 +215,27 @@ def indices_to_sample(cfg: DictConfig, output_dir: Path, sample_dir: Path) -> tu
     every = list(range(cfg.data.num_samples))
     fingerprint_file = output_dir / RUN_CONFIG_FILE
     fingerprint = run_fingerprint(cfg)
-    existing = {int(p.stem) for p in sample_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")} if sample_dir.is_dir() else set()
+    existing = (
+        {int(p.stem) for p in sample_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")} if sample_dir.is_dir() else set()
+    )
     if cfg.resume:
         if fingerprint_file.is_file():
             saved = json.loads(fingerprint_file.read_text())
             if saved != fingerprint:
                 changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-                raise ConfigError(f"resume=true but {output_dir} holds a run of another config (differs in {changed}): "
-                                  "resume with the same overrides or pick a new output dir")
+                raise ConfigError(
+                    f"resume=true but {output_dir} holds a run of another config (differs in {changed}): "
+                    "resume with the same overrides or pick a new output dir"
+                )
         elif existing:
-            raise ConfigError(f"resume=true but {output_dir} has samples and no {RUN_CONFIG_FILE}: cannot check its config")
+            raise ConfigError(
+                f"resume=true but {output_dir} has samples and no {RUN_CONFIG_FILE}: cannot check its config"
+            )
     elif existing:
-        raise ConfigError(f"{sample_dir} already holds {len(existing)} samples: pass resume=true to finish that run, "
-                          "or choose another hydra.run.dir (nothing was overwritten)")
+        raise ConfigError(
+            f"{sample_dir} already holds {len(existing)} samples: pass resume=true to finish that run, "
+            "or choose another hydra.run.dir (nothing was overwritten)"
+        )
     done = sorted(i for i in existing if i < cfg.data.num_samples)
     todo = [i for i in every if i not in existing]
     return todo, done
@@ -216,8 +252,13 @@ def build_logger(cfg: DictConfig, output_dir: Path, group: str | None) -> Any:
             raise ConfigError(f"logger.mode={cfg.logger.mode!r} is not allowed: choose offline, online or disabled")
         os.environ.setdefault("WANDB_SILENT", "true")
         return L.pytorch.loggers.WandbLogger(
-            project=cfg.logger.project, entity=cfg.logger.get("entity"), group=group, name=cfg.logger.get("run_name"),
-            save_dir=str(output_dir), offline=cfg.logger.mode == "offline", mode=cfg.logger.mode,
+            project=cfg.logger.project,
+            entity=cfg.logger.get("entity"),
+            group=group,
+            name=cfg.logger.get("run_name"),
+            save_dir=str(output_dir),
+            offline=cfg.logger.mode == "offline",
+            mode=cfg.logger.mode,
             config=OmegaConf.to_container(cfg, resolve=True),
         )
     raise ConfigError(f"logger.name={name!r} is not allowed: choose wandb, csv or none")
@@ -229,31 +270,45 @@ def build_logger(cfg: DictConfig, output_dir: Path, group: str | None) -> Any:
 def make_report(cfg: DictConfig, output_dir: Path, meta: dict[str, Any], started: float):
     """Rank 0's report: results.json, grid.png and the logger's scalars, grid and table."""
 
-    def report(metrics: dict[str, Any], module: SamplingModule) -> None:
+    def report(metrics: dict[str, Any], grid: list[torch.Tensor], logger: Any) -> None:
         seconds = time.time() - started
+        counts = ("sampled", "sampling_seconds", "seconds_per_step", "devices", "accelerator")
         results = meta | {
-            "metrics": {k: v for k, v in metrics.items() if k not in ("sampled", "sampling_seconds", "seconds_per_step")},
+            "metrics": {k: v for k, v in metrics.items() if k not in counts},
             "num_samples": cfg.data.num_samples,
             "sampled_this_run": metrics["sampled"],
             "seconds": seconds,
             "sampling_seconds": metrics["sampling_seconds"],
             "seconds_per_step": metrics["seconds_per_step"],
-            "images_per_second": metrics["sampled"] / metrics["sampling_seconds"] if metrics["sampling_seconds"] else None,
-            "devices": module.trainer.world_size,
-            "accelerator": type(module.trainer.accelerator).__name__,
+            "images_per_second": metrics["sampled"] / metrics["sampling_seconds"]
+            if metrics["sampling_seconds"]
+            else None,
+            "devices": metrics["devices"],
+            "accelerator": metrics["accelerator"],
         }
-        if module.grid:
-            save_png(image_grid(torch.stack(module.grid)), output_dir / "grid.png")
-        logger = module.trainer.logger
+        if grid:
+            save_png(image_grid(torch.stack(grid)), output_dir / "grid.png")
         if logger:
-            logger.log_metrics(results["metrics"] | {"images_per_second": results["images_per_second"] or 0.0,
-                                                     "seconds_per_step": results["seconds_per_step"]})
+            logger.log_metrics(
+                results["metrics"]
+                | {
+                    "images_per_second": results["images_per_second"] or 0.0,
+                    "seconds_per_step": results["seconds_per_step"],
+                }
+            )
             if isinstance(logger, L.pytorch.loggers.WandbLogger):
-                if module.grid:
+                if grid:
                     logger.log_image("samples", [str(output_dir / "grid.png")], caption=["first 64 samples"])
-                row = [meta["sampler"], meta["steps"], meta["eta"], meta.get("n_components"), *results["metrics"].values()]
-                logger.log_table("results", columns=["sampler", "steps", "eta", "n_components", *results["metrics"]],
-                                 data=[row])
+                row = [
+                    meta["sampler"],
+                    meta["steps"],
+                    meta["eta"],
+                    meta.get("n_components"),
+                    *results["metrics"].values(),
+                ]
+                logger.log_table(
+                    "results", columns=["sampler", "steps", "eta", "n_components", *results["metrics"]], data=[row]
+                )
             logger.save()
         tmp = output_dir / (RESULTS_FILE + ".tmp")
         tmp.write_text(json.dumps(results, indent=2))
@@ -261,6 +316,20 @@ def make_report(cfg: DictConfig, output_dir: Path, meta: dict[str, Any], started
         log.info("results: %s", json.dumps(results["metrics"]))
 
     return report
+
+
+def sweep_group() -> str | None:
+    """The W&B group of a multirun's jobs: the sweep directory's name (None for single runs)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ValueError, ImportError):
+        return None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hydra_cfg.job.name}-{Path(hydra_cfg.sweep.dir).name}"
 
 
 def run_metadata(cfg: DictConfig) -> dict[str, Any]:
@@ -303,31 +372,60 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     todo, done = indices_to_sample(cfg, output_dir, sample_dir)
     metrics = build_metrics(cfg, adapter)
     gmm = build_gmm(cfg, adapter)
-    group = cfg.logger.get("group")
-    logger = build_logger(cfg, output_dir, group)
+    logger = build_logger(cfg, output_dir, cfg.logger.get("group") or sweep_group())
 
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.save_images:
         sample_dir.mkdir(exist_ok=True)
         (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(run_fingerprint(cfg), indent=2))
     plan = SamplingPlan(
-        timesteps=scheduler.timesteps.tolist(), alphas_cumprod=scheduler.alphas_cumprod,
-        final_abar=scheduler.final_alpha_cumprod, eta=float(cfg.sampler.eta),
+        timesteps=scheduler.timesteps.tolist(),
+        alphas_cumprod=scheduler.alphas_cumprod,
+        final_abar=scheduler.final_alpha_cumprod,
+        eta=float(cfg.sampler.eta),
         prediction_type=scheduler.config.prediction_type,
-        step_options={k: scheduler.config[k] for k in ("clip_sample", "clip_sample_range", "thresholding",
-                                                        "dynamic_thresholding_ratio", "sample_max_value")},
-        guidance_scale=float(cfg.sampler.guidance_scale), gmm=gmm, base_seed=cfg.data.seed,
-        labels=labels, prompts=prompts, sample_dir=sample_dir if cfg.save_images else None, resumed_indices=done,
+        step_options={
+            k: scheduler.config[k]
+            for k in (
+                "clip_sample",
+                "clip_sample_range",
+                "thresholding",
+                "dynamic_thresholding_ratio",
+                "sample_max_value",
+            )
+        },
+        guidance_scale=float(cfg.sampler.guidance_scale),
+        gmm=gmm,
+        base_seed=cfg.data.seed,
+        labels=labels,
+        prompts=prompts,
+        sample_dir=sample_dir if cfg.save_images else None,
+        resumed_indices=done,
     )
-    log.info("sampling %d of %d samples (%d already on disk) with %s, %d steps", len(todo), cfg.data.num_samples,
-             len(done), cfg.sampler.name, cfg.sampler.steps)
+    log.info(
+        "sampling %d of %d samples (%d already on disk) with %s, %d steps",
+        len(todo),
+        cfg.data.num_samples,
+        len(done),
+        cfg.sampler.name,
+        cfg.sampler.steps,
+    )
     module = SamplingModule(adapter, plan, metrics, report=make_report(cfg, output_dir, run_metadata(cfg), started))
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger,
-                        callbacks=[ImagesPerSecondBar()], enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        logger=logger,
+        callbacks=[ImagesPerSecondBar()],
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    warnings.filterwarnings("ignore", message="predict returned None")  # predict_step returns nothing on purpose
     loader = DataLoader(SampleIndexDataset(todo), batch_size=cfg.data.batch_size, shuffle=False)
     failed = True
     try:
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
+        if todo:
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+        else:
+            module.score_without_sampling(logger)
         failed = False
     finally:
         finish_wandb(error=failed)
@@ -344,4 +442,3 @@ def finish_wandb(error: bool) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=1 if error else 0)
-

@@ -33,9 +33,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction_type={prediction_type!r} is not allowed: choose one of {PREDICTION_TYPES}"
-        )
+        raise ValueError(f"prediction_type={prediction_type!r} is not allowed: choose one of {PREDICTION_TYPES}")
 
 
 def check_eta(eta: float) -> None:
@@ -70,9 +68,7 @@ def ddim_sigma(abar_t: torch.Tensor, abar_prev: torch.Tensor, eta: float) -> tor
     return eta * variance**0.5
 
 
-def ddim_mean(
-    x0: torch.Tensor, eps: torch.Tensor, abar_prev: torch.Tensor, sigma: torch.Tensor
-) -> torch.Tensor:
+def ddim_mean(x0: torch.Tensor, eps: torch.Tensor, abar_prev: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """m = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat (DDIM eq. 12 without noise)."""
     direction_scale = torch.as_tensor(1 - abar_prev - sigma**2).clamp_min(0) ** 0.5
     return abar_prev**0.5 * x0 + direction_scale * eps
@@ -227,13 +223,17 @@ def sample_ddim(
         model_output = denoiser(x, t_batch)
         noise = None
         if eta > 0:
-            noise = kernel_noise(
-                x.shape, generator, device=x.device, dtype=x.dtype, gmm=gmm, step_index=i
-            )
+            noise = kernel_noise(x.shape, generator, device=x.device, dtype=x.dtype, gmm=gmm, step_index=i)
         abar_t = alphas_cumprod[int(t)]
         abar_prev = previous_abar(alphas_cumprod, timesteps, i, final_abar)
         x, x0 = ddim_step(
-            model_output, x, abar_t, abar_prev, eta, noise, prediction_type=prediction_type,
+            model_output,
+            x,
+            abar_t,
+            abar_prev,
+            eta,
+            noise,
+            prediction_type=prediction_type,
             **step_options,
         )
         if callback is not None:

@@ -31,7 +31,10 @@ def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:
         row = {"job": str(path.parent.relative_to(sweep_dir))}
         row |= {k: result.get(k) for k in KEY_COLUMNS}
         row |= result.get("metrics", {})
-        row |= {"images_per_second": result.get("images_per_second"), "overrides": " ".join(result.get("overrides", []))}
+        row |= {
+            "images_per_second": result.get("images_per_second"),
+            "overrides": " ".join(result.get("overrides", [])),
+        }
         rows.append(row)
     return rows
 

@@ -124,17 +124,23 @@ class ToyAdapter(ModelAdapter):
     (x + 1) / 2 clamped to [0, 1]. Real images for reference statistics are exact draws.
     """
 
-    def __init__(self, shape: tuple[int, ...] = (3, 8, 8), n_modes: int = 10, seed: int = 0,
-                 pixel_scale: float = 0.5) -> None:
+    def __init__(
+        self, shape: tuple[int, ...] = (3, 8, 8), n_modes: int = 10, seed: int = 0, pixel_scale: float = 0.5
+    ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
         self.sample_shape = shape
         self.num_classes = n_modes
         self.model = ToyGMMModel.random(shape, n_modes, seed, separation=pixel_scale * math.prod(shape) ** 0.5)
         self.scheduler_config = {
-            "num_train_timesteps": self.model.num_timesteps, "beta_schedule": "linear",
-            "beta_start": 1e-4, "beta_end": 0.02, "clip_sample": False, "set_alpha_to_one": False,
-            "prediction_type": "epsilon", "steps_offset": 1,
+            "num_train_timesteps": self.model.num_timesteps,
+            "beta_schedule": "linear",
+            "beta_start": 1e-4,
+            "beta_end": 0.02,
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
         }
 
     def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
