@@ -40,7 +40,7 @@ class PixelFeatures(torch.nn.Module):
         self.num_features = int(num_features)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return images.flatten(1).float() / 255
+        return images.flatten(1).double() / 255
 
 
 def inception_weights_path(weights_path: str | None) -> str:

@@ -241,6 +241,12 @@ def indices_to_sample(cfg: DictConfig, output_dir: Path, sample_dir: Path) -> tu
     return todo, done
 
 
+def loggable_config(cfg: DictConfig) -> dict[str, Any]:
+    """The full composed config, resolved, without Hydra's own node."""
+    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+            for k, v in cfg.items() if k != "hydra"}
+
+
 def build_logger(cfg: DictConfig, output_dir: Path, group: str | None) -> Any:
     name = cfg.logger.name
     if name == "none":
@@ -259,7 +265,7 @@ def build_logger(cfg: DictConfig, output_dir: Path, group: str | None) -> Any:
             save_dir=str(output_dir),
             offline=cfg.logger.mode == "offline",
             mode=cfg.logger.mode,
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=loggable_config(cfg),
         )
     raise ConfigError(f"logger.name={name!r} is not allowed: choose wandb, csv or none")
 
