@@ -41,5 +41,12 @@ def cache_dir(tmp_path_factory) -> Path:
 def run_cli(args: list[str], cwd: Path = ROOT, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """``python run.py ARGS`` in a subprocess, offline, as a user would type it."""
     env = os.environ | {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )

@@ -110,18 +110,23 @@ def test_reference_statistics_are_the_real_images_statistics(cache_dir, default_
 
 def test_a_sample_does_not_depend_on_the_batch_size(default_run, tmp_path, cache_dir):
     out, _ = default_run
-    cfg = compose_config([*SMALL, "sampler=ddim_gmm", "gmm.n_components=4", "data.batch_size=7", "logger=none"],
-                         tmp_path, cache_dir)
+    cfg = compose_config(
+        [*SMALL, "sampler=ddim_gmm", "gmm.n_components=4", "data.batch_size=7", "logger=none"], tmp_path, cache_dir
+    )
     other = run(cfg)
     assert pngs(tmp_path) == pngs(out)
-    assert other["metrics"]["fid"] == pytest.approx(results_of(out)["metrics"]["fid"], rel=1e-6)  # summation order differs; PNGs are compared bit for bit
+    assert other["metrics"]["fid"] == pytest.approx(results_of(out)["metrics"]["fid"], rel=1e-6)
 
 
 def test_guidance_and_unconditional_sampling(tmp_path, cache_dir):
     base = [*SMALL, "logger=none", "save_images=false"]
     fids = {}
-    for name, extra in {"cond": [], "guided": ["sampler.guidance_scale=3.0"], "uncond": ["data.labels=null"],
-                        "null_class": ["sampler.guidance_scale=0.0"]}.items():
+    for name, extra in {
+        "cond": [],
+        "guided": ["sampler.guidance_scale=3.0"],
+        "uncond": ["data.labels=null"],
+        "null_class": ["sampler.guidance_scale=0.0"],
+    }.items():
         fids[name] = run(compose_config(base + extra, tmp_path / name, cache_dir))["metrics"]["fid"]
     # guidance 0 through the null class is the unconditional model exactly; the others differ
     assert fids["null_class"] == fids["uncond"]
@@ -154,12 +159,22 @@ def test_ddp_sim_gives_the_same_pngs_and_fid(tmp_path, cache_dir):
 
 
 def test_resume_after_a_killed_run(tmp_path, cache_dir):
-    args = ["data.num_samples=3000", "data.batch_size=20", "sampler.steps=200", "logger=none",
-            f"paths.cache_dir={cache_dir}"]
+    args = [
+        "data.num_samples=3000",
+        "data.batch_size=20",
+        "sampler.steps=200",
+        "logger=none",
+        f"paths.cache_dir={cache_dir}",
+    ]
     killed_dir, whole_dir = tmp_path / "killed", tmp_path / "whole"
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={killed_dir}"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={killed_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list((killed_dir / "samples").glob("*.png"))) < 300:
         time.sleep(0.05)
@@ -183,7 +198,7 @@ def test_resume_after_a_killed_run(tmp_path, cache_dir):
     whole = run_cli([*args, f"hydra.run.dir={whole_dir}"])
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert pngs(killed_dir) == pngs(whole_dir)
-    assert results["metrics"]["fid"] == pytest.approx(results_of(whole_dir)["metrics"]["fid"], rel=1e-6)  # summation order differs; PNGs are compared bit for bit
+    assert results["metrics"]["fid"] == pytest.approx(results_of(whole_dir)["metrics"]["fid"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------ sweeps
@@ -191,20 +206,35 @@ def test_resume_after_a_killed_run(tmp_path, cache_dir):
 
 def test_multirun_writes_results_and_a_summary(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", "sampler=ddim,ddim_gmm", "sampler.steps=2,4", "data.num_samples=100", "logger=none",
-                    "save_images=false", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}"])
+    proc = run_cli(
+        [
+            "-m",
+            "sampler=ddim,ddim_gmm",
+            "sampler.steps=2,4",
+            "data.num_samples=100",
+            "logger=none",
+            "save_images=false",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = sorted(sweep.glob("*/results.json"))
     assert len(jobs) == 4
     assert {(r["sampler"], r["steps"]) for r in map(lambda p: json.loads(p.read_text()), jobs)} == {
-        ("ddim", 2), ("ddim", 4), ("ddim_gmm", 2), ("ddim_gmm", 4)}
+        ("ddim", 2),
+        ("ddim", 4),
+        ("ddim_gmm", 2),
+        ("ddim_gmm", 4),
+    }
     csv_lines = (sweep / "summary.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and "fid" in csv_lines[0]
     assert "ddim_gmm eta=1.0 K=16 diagonal" in (sweep / "summary.md").read_text()
     assert (sweep / "summary.png").stat().st_size > 1000
     (sweep / "summary.md").unlink()
-    rebuilt = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep)],
-                             capture_output=True, text=True)
+    rebuilt = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep)], capture_output=True, text=True
+    )
     assert rebuilt.returncode == 0 and (sweep / "summary.md").is_file()
 
 
@@ -223,8 +253,8 @@ def wandb_records(run_file: Path):
         if block - pos % block < 7:
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 2):
             pending = chunk
         elif kind in (3, 4):
@@ -247,12 +277,20 @@ def test_wandb_offline_run_holds_config_fid_and_grid(tmp_path, cache_dir):
         time.sleep(0.1)
     assert run_file is not None
     records = list(wandb_records(run_file))
-    history = {item.key or "/".join(item.nested_key): item.value_json
-               for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item}
+    history = {
+        item.key or "/".join(item.nested_key): item.value_json
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+        for item in r.history.item
+    }
     assert float(history["fid"]) == pytest.approx(results["metrics"]["fid"])
     assert "media/images/samples" in history["samples/filenames"]
-    config = {item.key: item.value_json for r in records if r.WhichOneof("record_type") == "run"
-              for item in r.run.config.update}
+    config = {
+        item.key: item.value_json
+        for r in records
+        if r.WhichOneof("record_type") == "run"
+        for item in r.run.config.update
+    }
     assert json.loads(config["sampler"])["name"] == "ddim_gmm" and "gmm" in config
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/samples_*.png"))
 
@@ -271,15 +309,19 @@ def test_wandb_offline_run_holds_config_fid_and_grid(tmp_path, cache_dir):
         (["sampler.timestep_spacing=cubic"], "sampler.timestep_spacing='cubic' is not allowed"),
         (["sampler=ddim_gmm", "gmm.n_components=0"], "gmm: n_components=0 is not allowed"),
         (["sampler=ddim_gmm", "gmm.scale=1.5"], r"gmm: scale=1.5 is not allowed: it must be a number in \[0, 1\]"),
-        (["data.num_samples=1", "trainer=ddp_sim", "metrics.fid.enabled=false"],
-         "data.num_samples=1 is fewer than the 2 ranks"),
+        (
+            ["data.num_samples=1", "trainer=ddp_sim", "metrics.fid.enabled=false"],
+            "data.num_samples=1 is fewer than the 2 ranks",
+        ),
         (["data.num_samples=50"], "below metrics.fid.min_samples=100"),
         (["data.prompts_file=/nonexistent/prompts.txt"], "data.prompts_file='/nonexistent/prompts.txt' cannot be read"),
         (["data.labels=[3,12]"], r"class ids must lie in \[0, 9\]"),
         (["model.path=/nonexistent/model"], "model.path='/nonexistent/model' does not exist"),
         (["metrics.fid.reference=/nonexistent/ref.npz"], "metrics.fid.reference='/nonexistent/ref.npz' does not exist"),
-        (["metrics.fid.features=inception", "metrics.fid.weights_path=/nonexistent/w.pth"],
-         "metrics.fid.weights_path='/nonexistent/w.pth' does not exist"),
+        (
+            ["metrics.fid.features=inception", "metrics.fid.weights_path=/nonexistent/w.pth"],
+            "metrics.fid.weights_path='/nonexistent/w.pth' does not exist",
+        ),
         (["logger.mode=sometimes"], "logger.mode='sometimes' is not allowed"),
     ],
 )

@@ -243,8 +243,11 @@ def indices_to_sample(cfg: DictConfig, output_dir: Path, sample_dir: Path) -> tu
 
 def loggable_config(cfg: DictConfig) -> dict[str, Any]:
     """The full composed config, resolved, without Hydra's own node."""
-    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.items() if k != "hydra"}
+    return {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }
 
 
 def build_logger(cfg: DictConfig, output_dir: Path, group: str | None) -> Any:
