@@ -199,3 +199,74 @@ class MetricSuite(torch.nn.Module):
             else:
                 out[name] = float(value)
         return out
+
+
+class CLIPFeatures(torch.nn.Module):
+    """A transformers CLIPModel whose get_*_features return tensors, as torchmetrics expects.
+
+    transformers 5 returns output objects from get_image_features / get_text_features, which
+    torchmetrics 1.9's CLIPScore cannot normalise; this unwraps them.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out: Any) -> torch.Tensor:
+        if isinstance(out, torch.Tensor):
+            return out
+        for name in ("image_embeds", "text_embeds", "pooler_output"):
+            value = getattr(out, name, None)
+            if isinstance(value, torch.Tensor):
+                return value
+        raise TypeError(f"cannot read features from {type(out).__name__}")
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+def clip_loader(model_name_or_path: str) -> Callable[[], tuple[torch.nn.Module, Any]]:
+    """The callable torchmetrics' CLIPScore takes: a hub id or a local directory -> (model, processor)."""
+
+    def load() -> tuple[torch.nn.Module, Any]:
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            model = CLIPModel.from_pretrained(model_name_or_path)
+            processor = CLIPProcessor.from_pretrained(model_name_or_path)
+        except OSError as err:
+            raise ConfigError(
+                f"metrics clip model={model_name_or_path!r} cannot be loaded offline: give a local directory "
+                "saved with CLIPModel/CLIPProcessor.save_pretrained, or a hub id already in the HF cache"
+            ) from err
+        return CLIPFeatures(model.eval()), processor
+
+    return load
+
+
+def clip_score_extra(model: str = "openai/clip-vit-base-patch16", adapter: Any = None) -> tuple[Metric, Callable]:
+    """A ``metrics.extra`` entry: torchmetrics CLIPScore of each image against its prompt."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    def arguments(images: torch.Tensor, labels: Any, prompts: list[str] | None) -> tuple:
+        if prompts is None:
+            raise ConfigError("metrics.extra.clip needs prompts: give data.prompts_file")
+        return list(images), prompts
+
+    return CLIPScore(model_name_or_path=clip_loader(model)), arguments
+
+
+def inception_score_extra(weights_path: str | None = None, adapter: Any = None) -> tuple[Metric, Callable]:
+    """A ``metrics.extra`` entry: torchmetrics InceptionScore from a local Inception weights file."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    from torchmetrics.image.inception import InceptionScore
+
+    logits = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
+                                feature_extractor_weights_path=inception_weights_path(weights_path))
+    metric = InceptionScore(feature=logits)
+    return metric, lambda images, labels, prompts: (images,)

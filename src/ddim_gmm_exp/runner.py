@@ -124,11 +124,18 @@ def build_adapter(cfg: DictConfig) -> ModelAdapter:
     path = cfg.model.get("path")
     if path is not None and not Path(path).exists():
         raise ConfigError(f"model.path={path!r} does not exist: give a local model directory or a hub id")
+    return instantiate(cfg.model.adapter)
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, passing our ConfigErrors through unwrapped (one clear line)."""
     try:
-        return hydra.utils.instantiate(cfg.model.adapter)
+        return hydra.utils.instantiate(node, **kwargs)
     except hydra.errors.InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, ConfigError):
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
             raise cause from None
         raise
 
@@ -175,7 +182,7 @@ def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
                     f"metrics.fid.features='model' but model={cfg.model.name} brings no feature "
                     "extractor: use metrics.fid.features=inception"
                 )
-            extractor = hydra.utils.instantiate(cfg.model.features)
+            extractor = instantiate(cfg.model.features)
         elif fid_cfg.features == "inception":
             extractor = 2048
         else:
@@ -199,7 +206,7 @@ def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
         check_reference(*reference, feature_dim(extractor), source)
     for name, metric_cfg in (cfg.metrics.get("extra") or {}).items():
         if metric_cfg is not None and metric_cfg.get("enabled", True):
-            extras[name] = hydra.utils.instantiate(metric_cfg.factory, adapter=adapter)
+            extras[name] = instantiate(metric_cfg.factory, adapter=adapter)
     return MetricSuite(fid, reference, fid_name=cfg.model.get("fid_name", "fid"), extras=extras)
 
 

@@ -1,0 +1,126 @@
+"""Metric paths that need model weights, tested offline on weights the tests make themselves."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ddim_gmm_exp.errors import ConfigError
+from ddim_gmm_exp.metrics import (
+    MetricSuite,
+    PixelFeatures,
+    clip_score_extra,
+    inception_score_extra,
+    make_fid,
+)
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A weights file of torch-fidelity's Inception-v3 layout with random (He-initialised) weights."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    original = fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state: None
+    original_url = fe.load_state_dict_from_url
+    fe.load_state_dict_from_url = lambda *a, **k: None
+    try:
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict = original
+        fe.load_state_dict_from_url = original_url
+    generator = torch.Generator().manual_seed(0)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+            fan_in = module.weight[0].numel()
+            module.weight.data = torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+def random_images(n, seed, size=64):
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_fid_and_inception_score_from_a_local_weights_file(inception_weights):
+    fid = make_fid(2048, inception_weights)
+    fid.update(random_images(6, 0), real=True)
+    fid.update(random_images(6, 1), real=False)
+    assert np.isfinite(float(fid.compute()))
+    metric, arguments = inception_score_extra(inception_weights)
+    metric.update(*arguments(random_images(6, 2), None, None))
+    mean, _ = metric.compute()
+    assert 1 - 1e-5 <= float(mean) <= 1008  # IS lies in [1, number of classes]
+
+
+def test_reference_states_give_the_reference_fid():
+    """Loading (mu, sigma) into the states equals FID against the real features themselves."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (300, 1, 2, 3), generator=g, dtype=torch.uint8)
+    fake = torch.randint(40, 256, (300, 1, 2, 3), generator=g, dtype=torch.uint8)
+    direct = make_fid(PixelFeatures(6))
+    direct.update(real, real=True)
+    direct.update(fake, real=False)
+    features = real.flatten(1).double().numpy() / 255
+    suite = MetricSuite(make_fid(PixelFeatures(6)), (features.mean(0), np.cov(features, rowvar=False)))
+    suite.reset_and_load_reference(global_rank=0)
+    suite.update(fake)
+    assert suite.compute()["fid"] == pytest.approx(float(direct.compute()), rel=1e-9)
+    # other ranks hold no reference: their states are summed into rank 0's
+    suite.reset_and_load_reference(global_rank=1)
+    assert int(suite.fid.real_features_num_samples) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A randomly initialised CLIP model and processor, saved like a hub checkpoint."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    path = tmp_path_factory.mktemp("clip")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*letters, *(c + "</w>" for c in letters)]:
+        vocab[token] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 1},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def test_clip_score_from_a_local_directory(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    metric, arguments = clip_score_extra(model=tiny_clip_dir)
+    images = random_images(3, 0, size=32)
+    prompts = ["a cat", "a dog", "the sea"]
+    metric.update(*arguments(images, None, prompts))
+    score = float(metric.compute())
+    # independently: 100 * cosine similarity of the projected embeddings, averaged, floored at 0
+    model, processor = CLIPModel.from_pretrained(tiny_clip_dir), CLIPProcessor.from_pretrained(tiny_clip_dir)
+    with torch.no_grad():
+        inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
+        out = model(**inputs)
+    cosine = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds)
+    assert score == pytest.approx(max(float((100 * cosine).mean()), 0.0), rel=1e-4, abs=1e-3)
+    with pytest.raises(ConfigError, match="needs prompts"):
+        arguments(images, None, None)
+
+
+def test_missing_clip_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be loaded offline"):
+        clip_score_extra(model=str(tmp_path / "no_clip_here"))
