@@ -90,10 +90,24 @@ def tiny_clip_dir(tmp_path_factory):
     tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     config = CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": 0, "eos_token_id": 1},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
         projection_dim=8,
     )
     torch.manual_seed(0)
@@ -124,3 +138,33 @@ def test_clip_score_from_a_local_directory(tiny_clip_dir):
 def test_missing_clip_model_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot be loaded offline"):
         clip_score_extra(model=str(tmp_path / "no_clip_here"))
+
+
+def test_fid_stats_script_from_an_image_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from PIL import Image
+
+    images = random_images(20, 3, size=4)
+    (tmp_path / "imgs").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "imgs" / f"{i:03d}.png")
+    out = tmp_path / "ref.npz"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "fid_stats.py"),
+        "--images",
+        str(tmp_path / "imgs"),
+        "--features",
+        "pixels",
+        "--out",
+        str(out),
+    ]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    features = images.flatten(1).double().numpy() / 255
+    with np.load(out) as ref:
+        assert np.allclose(ref["mu"], features.mean(0)) and np.allclose(ref["sigma"], np.cov(features, rowvar=False))
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists" in again.stderr

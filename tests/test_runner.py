@@ -368,7 +368,16 @@ def test_command_line_errors_are_one_line_and_exit_2(args, message, tmp_path):
 def test_every_experiment_file_runs(experiment, tmp_path, cache_dir):
     """Each experiment, shrunk to 100 samples, runs as the multirun it declares and ends in a summary."""
     sweep = tmp_path / "sweep"
-    proc = run_cli([f"experiment={experiment}", "data.num_samples=100", "save_images=false", "logger=none",
-                    f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}", f"hydra.run.dir={tmp_path / 'run'}"])
+    proc = run_cli(
+        [
+            f"experiment={experiment}",
+            "data.num_samples=100",
+            "save_images=false",
+            "logger=none",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={sweep}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(sweep.glob("*/results.json")) and (sweep / "summary.md").is_file()

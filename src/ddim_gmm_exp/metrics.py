@@ -266,7 +266,10 @@ def inception_score_extra(weights_path: str | None = None, adapter: Any = None) 
     from torchmetrics.image.fid import NoTrainInceptionV3
     from torchmetrics.image.inception import InceptionScore
 
-    logits = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
-                                feature_extractor_weights_path=inception_weights_path(weights_path))
+    logits = NoTrainInceptionV3(
+        name="inception-v3-compat",
+        features_list=["logits_unbiased"],
+        feature_extractor_weights_path=inception_weights_path(weights_path),
+    )
     metric = InceptionScore(feature=logits)
     return metric, lambda images, labels, prompts: (images,)

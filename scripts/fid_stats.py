@@ -1,0 +1,87 @@
+"""Make FID reference statistics (an EDM-style .npz with mu and sigma).
+
+    # from a folder of real images (PNG/JPEG), in Inception features (local weights file)
+    python scripts/fid_stats.py --images data/cifar10_train --features inception \
+        --weights-path weights-inception-2015-12-05-6726825d.pth --out refs/cifar10.npz
+    # from a model family's own real images, in its own features (what the runner caches)
+    python scripts/fid_stats.py --model toy --n 10000 --out refs/toy.npz
+
+Images are read as RGB uint8 (grayscale models: --channels 1) and must all have one size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddim_gmm_exp.errors import ConfigError
+from ddim_gmm_exp.metrics import PixelFeatures, save_reference, statistics_of
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def folder_batches(folder: Path, channels: int, batch: int = 256):
+    """uint8 (B, C, H, W) batches of every image under folder, in sorted order."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"--images {str(folder)!r} holds no PNG/JPEG images")
+    mode = "RGB" if channels == 3 else "L"
+    for start in range(0, len(files), batch):
+        arrays = [np.asarray(Image.open(f).convert(mode)) for f in files[start : start + batch]]
+        images = torch.from_numpy(np.stack(arrays))
+        yield images.permute(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
+
+
+def model_family(name: str):
+    """The adapter and FID feature extractor of conf/model/NAME.yaml."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={name}"])
+    return instantiate(cfg.model.adapter), instantiate(cfg.model.features)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="a folder of real images")
+    source.add_argument("--model", help="a model family of conf/model/ (its reference images and features)")
+    parser.add_argument("--out", type=Path, required=True, help="the .npz to write")
+    parser.add_argument(
+        "--features",
+        choices=["inception", "pixels"],
+        default="inception",
+        help="with --images: Inception-v3 2048 features, or raw pixels",
+    )
+    parser.add_argument("--weights-path", help="local Inception weights file (no download is made)")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    parser.add_argument("--n", type=int, default=10000, help="with --model: number of real images")
+    args = parser.parse_args(argv)
+    try:
+        if args.out.exists():
+            raise ConfigError(f"--out {str(args.out)!r} exists: choose another path (nothing was overwritten)")
+        if args.model:
+            adapter, extractor = model_family(args.model)
+            batches = adapter.reference_images(args.n).split(1000)
+        else:
+            batches = list(folder_batches(args.images, args.channels))
+            dim = batches[0][0].numel()
+            extractor = 2048 if args.features == "inception" else PixelFeatures(dim)
+        mu, sigma = statistics_of(extractor, batches, args.weights_path)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    save_reference(args.out, mu, sigma)
+    print(f"{args.out}: mu {mu.shape}, sigma {sigma.shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
