@@ -190,9 +190,12 @@ def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
                 f"metrics.fid.features={fid_cfg.features!r} is not allowed: choose 'model' or 'inception'"
             )
         fid = make_fid(extractor, fid_cfg.weights_path)
+        shipped = adapter.reference_stats if fid_cfg.features == "model" else None
         if fid_cfg.reference is not None:
             source = f"in {fid_cfg.reference!r}"
             reference = load_reference(fid_cfg.reference)
+        elif shipped is not None:
+            source, reference = f"in {str(shipped)!r}", load_reference(shipped)
         else:
             path = cached_reference(
                 adapter,
@@ -204,7 +207,8 @@ def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
             )
             source, reference = f"in {str(path)!r}", load_reference(path)
         check_reference(*reference, feature_dim(extractor), source)
-    for name, metric_cfg in (cfg.metrics.get("extra") or {}).items():
+    extra_cfgs = {**(cfg.model.get("extra_metrics") or {}), **(cfg.metrics.get("extra") or {})}
+    for name, metric_cfg in extra_cfgs.items():
         if metric_cfg is not None and metric_cfg.get("enabled", True):
             extras[name] = instantiate(metric_cfg.factory, adapter=adapter)
     return MetricSuite(fid, reference, fid_name=cfg.model.get("fid_name", "fid"), extras=extras)

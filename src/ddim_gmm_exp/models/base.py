@@ -8,9 +8,12 @@ logging never look inside a model.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from ddim_gmm_exp.errors import ConfigError
 
 
 class ModelAdapter(torch.nn.Module):
@@ -28,6 +31,8 @@ class ModelAdapter(torch.nn.Module):
     scheduler_config: dict[str, Any] = {}
     num_classes: int = 0
     takes_prompts: bool = False
+    # FID reference statistics (.npz) that ship with the model family, in its own features
+    reference_stats: Path | None = None
 
     @property
     def dim(self) -> int:
@@ -58,4 +63,4 @@ class ModelAdapter(torch.nn.Module):
 
     def reference_images(self, n: int, seed: int = 0) -> torch.Tensor:
         """n real images (uint8, B x C x H x W) for reference statistics, where the family has them."""
-        raise NotImplementedError(f"{type(self).__name__} ships no reference images: give metrics.fid.reference")
+        raise ConfigError(f"{type(self).__name__} ships no reference images: give metrics.fid.reference")
