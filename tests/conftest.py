@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
 # A run small enough for tests: 100 toy samples (FID's default minimum), 5 steps, no W&B.
-SMALL = ["data.num_samples=100", "data.batch_size=50", "sampler.steps=5", "logger=csv"]
+SMALL = ["model=toy", "data.num_samples=100", "data.batch_size=50", "sampler.steps=5", "logger=csv"]
 
 
 def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:

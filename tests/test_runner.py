@@ -160,6 +160,7 @@ def test_ddp_sim_gives_the_same_pngs_and_fid(tmp_path, cache_dir):
 
 def test_resume_after_a_killed_run(tmp_path, cache_dir):
     args = [
+        "model=toy",
         "data.num_samples=3000",
         "data.batch_size=20",
         "sampler.steps=200",
@@ -209,6 +210,7 @@ def test_multirun_writes_results_and_a_summary(tmp_path, cache_dir):
     proc = run_cli(
         [
             "-m",
+            "model=toy",
             "sampler=ddim,ddim_gmm",
             "sampler.steps=2,4",
             "data.num_samples=100",
@@ -364,20 +366,25 @@ def test_command_line_errors_are_one_line_and_exit_2(args, message, tmp_path):
     assert not (tmp_path / "run" / "samples").exists()
 
 
+def shrunk_sweep(experiment: str) -> list[str]:
+    """The experiment's own sweep cut to its first two values of the first swept key and the
+    first value of every other (command-line sweeps take precedence over the file's)."""
+    import yaml
+
+    params = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    args = []
+    for i, (key, values) in enumerate(params.items()):
+        choices = str(values).split(",")
+        args.append(f"{key}={','.join(choices[:2] if i == 0 else choices[:1])}")
+    return args
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_file_runs(experiment, tmp_path, cache_dir):
-    """Each experiment, shrunk to 100 samples, runs as the multirun it declares and ends in a summary."""
+    """Each experiment, shrunk to 100 samples and 2 jobs, runs as the multirun it declares."""
     sweep = tmp_path / "sweep"
-    proc = run_cli(
-        [
-            f"experiment={experiment}",
-            "data.num_samples=100",
-            "save_images=false",
-            "logger=none",
-            f"paths.cache_dir={cache_dir}",
-            f"hydra.sweep.dir={sweep}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ]
-    )
+    proc = run_cli([f"experiment={experiment}", *shrunk_sweep(experiment), "data.num_samples=100",
+                    "save_images=false", "logger=none", f"paths.cache_dir={cache_dir}",
+                    f"hydra.sweep.dir={sweep}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert list(sweep.glob("*/results.json")) and (sweep / "summary.md").is_file()
+    assert len(list(sweep.glob("*/results.json"))) == 2 and (sweep / "summary.md").is_file()

@@ -38,8 +38,15 @@ def load_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def image_grid(images: torch.Tensor, pad: int = 1) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> one uint8 (C, rows*H, cols*W) grid, as square as possible."""
+def image_grid(images: torch.Tensor, pad: int = 1, min_tile: int = 32) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> one uint8 (C, rows*H, cols*W) grid, as square as possible.
+
+    Tiles smaller than ``min_tile`` pixels are enlarged by an integer factor (nearest neighbour),
+    so that 8x8 digits stay visible in the grid.
+    """
+    factor = max(1, min_tile // max(images.shape[-2:]))
+    if factor > 1:
+        images = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     b, c, h, w = images.shape
     cols = math.ceil(math.sqrt(b))
     rows = math.ceil(b / cols)

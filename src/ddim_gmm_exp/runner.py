@@ -367,6 +367,7 @@ def run_metadata(cfg: DictConfig) -> dict[str, Any]:
         "steps": cfg.sampler.steps,
         "eta": cfg.sampler.eta,
         "guidance_scale": cfg.sampler.guidance_scale,
+        "conditional": cfg.data.labels is not None and cfg.sampler.guidance_scale > 0,
         "n_components": cfg.gmm.n_components if cfg.sampler.use_gmm else None,
         "moments": cfg.gmm.moments if cfg.sampler.use_gmm else None,
         "gmm_scale": cfg.gmm.scale if cfg.sampler.use_gmm else None,

@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ["sampler", "eta", "n_components", "moments", "gmm_scale", "guidance_scale", "steps", "seed"]
+KEY_COLUMNS = ["sampler", "eta", "n_components", "moments", "gmm_scale", "conditional", "guidance_scale", "steps",
+               "seed"]
 
 
 def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -56,6 +57,8 @@ def series_label(row: dict[str, Any]) -> str:
     label = f"{row['sampler']} eta={row['eta']}"
     if row.get("n_components") is not None:
         label += f" K={row['n_components']} {row['moments']}"
+    if row.get("conditional") is False:
+        label += " uncond"
     return label
 
 
