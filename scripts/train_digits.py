@@ -99,7 +99,7 @@ def random_shift(x: torch.Tensor) -> torch.Tensor:
     """Each image shifted by up to one pixel, the border filled with background (-1)."""
     padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
     dy, dx = torch.randint(0, 3, (2,)).tolist()
-    return padded[..., dy:dy + 8, dx:dx + 8]
+    return padded[..., dy : dy + 8, dx : dx + 8]
 
 
 def make_logger(kind: str, log_dir: Path, name: str):
@@ -116,8 +116,14 @@ def train_denoiser(args, images, labels) -> tuple[UNet2DModel, float]:
     generator = torch.Generator().manual_seed(args.seed)
     sampler = RandomSampler(dataset, replacement=True, num_samples=args.steps * args.batch_size, generator=generator)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler)
-    trainer = L.Trainer(max_steps=args.steps, logger=make_logger(args.logger, args.log_dir, "unet"),
-                        enable_checkpointing=False, log_every_n_steps=50, accelerator="auto", devices=1)
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        logger=make_logger(args.logger, args.log_dir, "unet"),
+        enable_checkpointing=False,
+        log_every_n_steps=50,
+        accelerator="auto",
+        devices=1,
+    )
     start = time.time()
     trainer.fit(module, loader)
     unet = module.ema.module.eval()
@@ -129,10 +135,20 @@ def train_denoiser(args, images, labels) -> tuple[UNet2DModel, float]:
 def train_classifier(args, images, labels) -> tuple[DigitClassifier, float, np.ndarray, np.ndarray]:
     train_idx, test_idx = stratified_split(labels, held_out=0.2, seed=args.seed)
     module = ClassifierTraining()
-    loader = DataLoader(TensorDataset(images[train_idx], labels[train_idx]), batch_size=64, shuffle=True,
-                        generator=torch.Generator().manual_seed(args.seed))
-    trainer = L.Trainer(max_epochs=args.classifier_epochs, logger=make_logger(args.logger, args.log_dir, "classifier"),
-                        enable_checkpointing=False, log_every_n_steps=10, accelerator="cpu", devices=1)
+    loader = DataLoader(
+        TensorDataset(images[train_idx], labels[train_idx]),
+        batch_size=64,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    trainer = L.Trainer(
+        max_epochs=args.classifier_epochs,
+        logger=make_logger(args.logger, args.log_dir, "classifier"),
+        enable_checkpointing=False,
+        log_every_n_steps=10,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(module, loader)
     classifier = module.classifier.eval()
     with torch.no_grad():
@@ -151,16 +167,31 @@ def evaluate(out: Path, samples: int, cache: Path) -> list[dict]:
 
     rows = []
     for labels, steps in [("balanced", 10), ("balanced", 50), ("null", 10), ("null", 50)]:
-        overrides = ["model=digits", f"model.path={out}", f"data.num_samples={samples}", f"data.labels={labels}",
-                     f"sampler.steps={steps}", "logger=none", "save_images=false"]
+        overrides = [
+            "model=digits",
+            f"model.path={out}",
+            f"data.num_samples={samples}",
+            f"data.labels={labels}",
+            f"sampler.steps={steps}",
+            "logger=none",
+            "save_images=false",
+        ]
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
         HydraConfig().set_config(cfg)
         with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
             cfg.paths.output_dir, cfg.paths.cache_dir = tmp, str(cache)
             metrics = run(cfg)["metrics"]
-        rows.append({"conditional": labels == "balanced", "sampler": "ddim", "eta": 0.0, "steps": steps,
-                     "samples": samples, **{k: round(v, 4) for k, v in metrics.items()}})
+        rows.append(
+            {
+                "conditional": labels == "balanced",
+                "sampler": "ddim",
+                "eta": 0.0,
+                "steps": steps,
+                "samples": samples,
+                **{k: round(v, 4) for k, v in metrics.items()},
+            }
+        )
         log.info("%s", rows[-1])
     return rows
 
@@ -176,8 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--classifier-epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True,
-                        help="store the UNet weights in float16 (loaded back as float32)")
+    parser.add_argument(
+        "--fp16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store the UNet weights in float16 (loaded back as float32)",
+    )
     parser.add_argument("--logger", choices=["csv", "wandb", "none"], default="csv")
     parser.add_argument("--log-dir", type=Path, default=ROOT / "outputs" / "train_digits", help="training logs")
     parser.add_argument("--eval-samples", type=int, default=1000, help="samples per FD-table row; 0: skip")
@@ -201,14 +236,29 @@ def main(argv: list[str] | None = None) -> int:
 
     card = {
         "data": "scikit-learn load_digits: 1797 8x8 grayscale digits, 10 classes, scaled to [-1, 1]",
-        "split": {"classifier": "stratified 80/20 (sklearn train_test_split)", "seed": args.seed,
-                  "train": len(train_idx), "held_out": len(test_idx)},
-        "unet": {"config": unet_config(tuple(args.channels)), "parameters": sum(p.numel() for p in unet.parameters()),
-                 "steps": args.steps, "batch_size": args.batch_size, "optimizer": f"AdamW lr {args.lr}, cosine",
-                 "ema": args.ema, "label_dropout": args.label_dropout, "dtype": "float16" if args.fp16 else "float32",
-                 "training_seconds": round(seconds, 1), "schedule": "DDPM linear betas 1e-4..0.02, T = 1000"},
-        "classifier": {"architecture": "3 conv layers + 128-d penultimate + linear", "held_out_accuracy": accuracy,
-                       "epochs": args.classifier_epochs},
+        "split": {
+            "classifier": "stratified 80/20 (sklearn train_test_split)",
+            "seed": args.seed,
+            "train": len(train_idx),
+            "held_out": len(test_idx),
+        },
+        "unet": {
+            "config": unet_config(tuple(args.channels)),
+            "parameters": sum(p.numel() for p in unet.parameters()),
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "optimizer": f"AdamW lr {args.lr}, cosine",
+            "ema": args.ema,
+            "label_dropout": args.label_dropout,
+            "dtype": "float16" if args.fp16 else "float32",
+            "training_seconds": round(seconds, 1),
+            "schedule": "DDPM linear betas 1e-4..0.02, T = 1000",
+        },
+        "classifier": {
+            "architecture": "3 conv layers + 128-d penultimate + linear",
+            "held_out_accuracy": accuracy,
+            "epochs": args.classifier_epochs,
+        },
         "reference_stats": "mu, sigma of all 1797 real digits in the classifier's 128-d penultimate features",
         "seed": args.seed,
         "command": "python scripts/train_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),

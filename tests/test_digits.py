@@ -58,13 +58,21 @@ def test_shipped_reference_statistics_equal_a_recomputation():
 
 
 def test_shrunk_default_run(tmp_path, cache_dir):
-    cfg = compose_config(["data.num_samples=40", "data.batch_size=20", "sampler.steps=5", "metrics.fid.min_samples=40",
-                          "logger=csv"], tmp_path, cache_dir)
+    cfg = compose_config(
+        ["data.num_samples=40", "data.batch_size=20", "sampler.steps=5", "metrics.fid.min_samples=40", "logger=csv"],
+        tmp_path,
+        cache_dir,
+    )
     assert cfg.model.name == "digits"  # the default model
     results = run(cfg)
     metrics = results["metrics"]
-    assert set(metrics) >= {"fid_digits", "classifier_accuracy", "classifier_confidence", "classifier_modes_covered",
-                            "classifier_class_entropy"}
+    assert set(metrics) >= {
+        "fid_digits",
+        "classifier_accuracy",
+        "classifier_confidence",
+        "classifier_modes_covered",
+        "classifier_class_entropy",
+    }
     assert 0 <= metrics["classifier_accuracy"] <= 1 and np.isfinite(metrics["fid_digits"])
     assert len(list((tmp_path / "samples").glob("*.png"))) == 40 and (tmp_path / "grid.png").is_file()
 
@@ -81,15 +89,36 @@ def test_the_metric_orders_quality(tmp_path, cache_dir):
 def test_training_script_writes_a_model_the_runner_loads(tmp_path, cache_dir):
     out = tmp_path / "digits"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_digits.py"), "--out", str(out), "--steps", "5",
-         "--classifier-epochs", "1", "--channels", "8", "16", "--eval-samples", "0", "--logger", "none",
-         "--log-dir", str(tmp_path / "logs")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train_digits.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "5",
+            "--classifier-epochs",
+            "1",
+            "--channels",
+            "8",
+            "16",
+            "--eval-samples",
+            "0",
+            "--logger",
+            "none",
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     card = json.loads((out / "card.json").read_text())
     assert card["unet"]["steps"] == 5 and 0 <= card["classifier"]["held_out_accuracy"] <= 1
-    cfg = compose_config([f"model.path={out}", "data.num_samples=20", "metrics.fid.min_samples=20", "sampler.steps=2",
-                          "logger=none"], tmp_path / "run", cache_dir)
+    cfg = compose_config(
+        [f"model.path={out}", "data.num_samples=20", "metrics.fid.min_samples=20", "sampler.steps=2", "logger=none"],
+        tmp_path / "run",
+        cache_dir,
+    )
     results = run(cfg)
     assert np.isfinite(results["metrics"]["fid_digits"])

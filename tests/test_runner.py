@@ -383,8 +383,17 @@ def shrunk_sweep(experiment: str) -> list[str]:
 def test_every_experiment_file_runs(experiment, tmp_path, cache_dir):
     """Each experiment, shrunk to 100 samples and 2 jobs, runs as the multirun it declares."""
     sweep = tmp_path / "sweep"
-    proc = run_cli([f"experiment={experiment}", *shrunk_sweep(experiment), "data.num_samples=100",
-                    "save_images=false", "logger=none", f"paths.cache_dir={cache_dir}",
-                    f"hydra.sweep.dir={sweep}", f"hydra.run.dir={tmp_path / 'run'}"])
+    proc = run_cli(
+        [
+            f"experiment={experiment}",
+            *shrunk_sweep(experiment),
+            "data.num_samples=100",
+            "save_images=false",
+            "logger=none",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={sweep}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(sweep.glob("*/results.json"))) == 2 and (sweep / "summary.md").is_file()

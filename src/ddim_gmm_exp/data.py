@@ -39,10 +39,10 @@ def resolve_labels(labels: str | Sequence[int] | None, num_classes: int) -> list
     """'balanced' -> 0, 1, ..., C-1 repeated; a list -> itself (checked); None -> unconditional."""
     if labels is None:
         return None
+    if labels == "balanced":  # the default: class-conditional models get every class equally often
+        return list(range(num_classes)) if num_classes else None
     if num_classes == 0:
         raise ConfigError(f"data.labels={labels!r} given but the model is unconditional: use data.labels=null")
-    if labels == "balanced":
-        return list(range(num_classes))
     if isinstance(labels, str):
         raise ConfigError(f"data.labels={labels!r} is not allowed: use 'balanced', a list of class ids, or null")
     out = [int(x) for x in labels]

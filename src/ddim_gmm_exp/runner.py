@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SPACINGS = ("leading", "trailing", "linspace")
 RUN_CONFIG_FILE = "run_config.json"
 RESULTS_FILE = "results.json"
+DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "prompts.txt"
 
 
 # ----------------------------------------------------------------------------------- checks
@@ -176,21 +177,22 @@ def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
     extras = {}
     fid = reference = None
     if fid_cfg.enabled:
-        if fid_cfg.features == "model":
+        features = fid_cfg.features or ("model" if cfg.model.get("features") is not None else "inception")
+        if features == "model":
             if cfg.model.get("features") is None:
                 raise ConfigError(
                     f"metrics.fid.features='model' but model={cfg.model.name} brings no feature "
                     "extractor: use metrics.fid.features=inception"
                 )
             extractor = instantiate(cfg.model.features)
-        elif fid_cfg.features == "inception":
+        elif features == "inception":
             extractor = 2048
         else:
             raise ConfigError(
                 f"metrics.fid.features={fid_cfg.features!r} is not allowed: choose 'model' or 'inception'"
             )
         fid = make_fid(extractor, fid_cfg.weights_path)
-        shipped = adapter.reference_stats if fid_cfg.features == "model" else None
+        shipped = adapter.reference_stats if features == "model" else None
         if fid_cfg.reference is not None:
             source = f"in {fid_cfg.reference!r}"
             reference = load_reference(fid_cfg.reference)
@@ -387,9 +389,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     adapter = build_adapter(cfg)
     scheduler = build_scheduler(adapter, cfg.sampler)
     labels = resolve_labels(cfg.data.labels, adapter.num_classes)
+    if labels is not None and cfg.sampler.guidance_scale != 1.0 and adapter.null_label is None:
+        raise ConfigError(
+            f"sampler.guidance_scale={cfg.sampler.guidance_scale} needs a null class, and "
+            f"model={cfg.model.name} has none: use sampler.guidance_scale=1.0"
+        )
     prompts = read_prompts(cfg.data.prompts_file)
     if adapter.takes_prompts and prompts is None:
-        raise ConfigError(f"model={cfg.model.name} is text-conditioned: give data.prompts_file")
+        prompts = read_prompts(str(DEFAULT_PROMPTS))
+        log.info("no data.prompts_file: using the %d prompts of %s", len(prompts), DEFAULT_PROMPTS)
     todo, done = indices_to_sample(cfg, output_dir, sample_dir)
     metrics = build_metrics(cfg, adapter)
     gmm = build_gmm(cfg, adapter)

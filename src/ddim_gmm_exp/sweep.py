@@ -20,8 +20,17 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ["sampler", "eta", "n_components", "moments", "gmm_scale", "conditional", "guidance_scale", "steps",
-               "seed"]
+KEY_COLUMNS = [
+    "sampler",
+    "eta",
+    "n_components",
+    "moments",
+    "gmm_scale",
+    "conditional",
+    "guidance_scale",
+    "steps",
+    "seed",
+]
 
 
 def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:

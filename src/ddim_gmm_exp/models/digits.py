@@ -58,10 +58,16 @@ def stratified_split(labels: torch.Tensor, held_out: float = 0.2, seed: int = 0)
 def unet_config(block_out_channels: tuple[int, ...] = (32, 64)) -> dict[str, Any]:
     """The digits UNet: two levels, attention at 4x4, 11 class embeddings (10 digits + null)."""
     return dict(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
         block_out_channels=tuple(block_out_channels),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8, num_class_embeds=NUM_CLASSES + 1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=NUM_CLASSES + 1,
     )
 
 
@@ -73,10 +79,16 @@ class DigitClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, self.num_features), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, self.num_features),
+            nn.ReLU(),
         )
         self.head = nn.Linear(self.num_features, NUM_CLASSES)
 
@@ -169,8 +181,9 @@ class DigitsAdapter(ModelAdapter):
 
         root = Path(path) if path is not None else shipped_dir()
         if not (root / "unet").is_dir():
-            raise ConfigError(f"model.path={str(root)!r} holds no unet/: give a directory written by "
-                              "scripts/train_digits.py")
+            raise ConfigError(
+                f"model.path={str(root)!r} holds no unet/: give a directory written by scripts/train_digits.py"
+            )
         self.unet = UNet2DModel.from_pretrained(root / "unet").float().eval()
         self.scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         self.sample_shape = IMAGE_SHAPE

@@ -1,0 +1,257 @@
+"""Adapters for pretrained diffusers checkpoints: pixel DDPMs, latent diffusion (VQ-VAE),
+Stable Diffusion (text prompts, v- or eps-prediction) and DiT (ImageNet class labels).
+
+Each loads from a local directory (``model.path``) or a hub id (``model.id``) with diffusers'
+``from_pretrained``. No download is attempted unless ``model.offline=false``: with the hub out of
+reach, a missing checkpoint is a ConfigError that says which repository is needed and where to put
+it. Precision (fp32 | fp16 | bf16 autocast), channels_last and torch.compile apply to the denoiser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddim_gmm_exp.errors import ConfigError
+from ddim_gmm_exp.models.base import ModelAdapter
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def checkpoint_source(path: str | None, hub_id: str | None, offline: bool) -> str:
+    """The directory or hub id to load from; with offline, the hub id must already be cached."""
+    if path is not None:
+        if not Path(path).is_dir():
+            raise ConfigError(f"model.path={path!r} does not exist: give a local diffusers checkpoint directory")
+        return str(path)
+    if hub_id is None:
+        raise ConfigError("the model config has neither model.path nor model.id: give model.path=DIR")
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    return hub_id
+
+
+def load_component(cls: Any, source: str, subfolder: str | None, what: str) -> Any:
+    """``cls.from_pretrained(source, subfolder=...)`` with one clear error when it is not available."""
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder) if subfolder else cls.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        where = f"{source}/{subfolder}" if subfolder else source
+        raise ConfigError(
+            f"cannot load the {what} from {where!r} offline: download the checkpoint where the hub is reachable "
+            f"(huggingface-cli download {source} --local-dir DIR) and pass model.path=DIR"
+        ) from err
+
+
+def scheduler_config(source: str, subfolder: str | None) -> dict[str, Any]:
+    """The checkpoint's scheduler config as a dict (diffusers' load_config, local or cached)."""
+    from diffusers import DDIMScheduler
+
+    try:
+        return dict(
+            DDIMScheduler.load_config(source, subfolder=subfolder) if subfolder else DDIMScheduler.load_config(source)
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"no scheduler config in {source!r} (subfolder {subfolder!r}): the checkpoint is incomplete"
+        ) from err
+
+
+class PretrainedAdapter(ModelAdapter):
+    """What every diffusers-based adapter shares: precision, memory format, compilation, decoding."""
+
+    def __init__(self, precision: str = "fp32", channels_last: bool = False, compile: bool = False) -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ConfigError(f"model.precision={precision!r} is not allowed: choose one of {tuple(PRECISIONS)}")
+        self.precision = precision
+        self.channels_last = channels_last
+        self.compile = compile
+
+    def prepare_denoiser(self, module: torch.nn.Module) -> torch.nn.Module:
+        module = module.eval().requires_grad_(False)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        if self.compile:
+            module = torch.compile(module)
+        return module
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The denoiser's output in float32, under the configured precision."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast(x.device):
+            return self.denoiser(x, t, **kwargs).sample.float()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((latents + 1) / 2).clamp(0, 1)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode in chunks (VAE decoders are the memory peak of latent models)."""
+        with torch.no_grad():
+            return torch.cat([self.decode_latents(chunk).float() for chunk in x.split(self.decode_chunk)])
+
+    decode_chunk = 16
+
+
+class PixelDDPMAdapter(PretrainedAdapter):
+    """A diffusers UNet2DModel in pixel space (google/ddpm-cifar10-32, ddpm-cat-256, ddpm-ema-celebahq-256).
+
+    A class-conditional UNet (num_class_embeds) takes labels; ``null_class`` names the embedding
+    trained as "no label", without which classifier-free guidance is refused.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        id: str | None = None,
+        offline: bool = True,
+        null_class: int | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        from diffusers import UNet2DModel
+
+        source = checkpoint_source(path, id, offline)
+        subfolder = "unet" if path is not None and (Path(path) / "unet").is_dir() else None
+        unet = load_component(UNet2DModel, source, subfolder, "UNet")
+        self.denoiser = self.prepare_denoiser(unet)
+        self.scheduler_config = scheduler_config(source, "scheduler" if subfolder else None)
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (unet.config.in_channels, *size)
+        embeds = int(unet.config.num_class_embeds or 0)
+        if null_class is not None and not 0 <= null_class < embeds:
+            raise ConfigError(
+                f"model.adapter.null_class={null_class} is not allowed: the UNet has {embeds} class embeddings"
+            )
+        self.num_classes = embeds - 1 if null_class == embeds - 1 else embeds
+        self._null_class = null_class
+
+    @property
+    def null_label(self) -> int | None:
+        return self._null_class
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        if self._null_class is None:
+            raise ConfigError("this UNet has no null class: classifier-free guidance needs model.adapter.null_class")
+        return torch.full_like(cond, self._null_class)
+
+    def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.denoise(x, t, class_labels=cond) if self.num_classes else self.denoise(x, t)
+
+
+class LatentDDPMAdapter(PretrainedAdapter):
+    """Unconditional latent diffusion with a VQ-VAE (CompVis/ldm-celebahq-256: unet/, vqvae/, scheduler/)."""
+
+    def __init__(self, path: str | None = None, id: str | None = None, offline: bool = True, **options: Any) -> None:
+        super().__init__(**options)
+        from diffusers import UNet2DModel, VQModel
+
+        source = checkpoint_source(path, id, offline)
+        unet = load_component(UNet2DModel, source, "unet", "UNet")
+        self.vqvae = load_component(VQModel, source, "vqvae", "VQ-VAE").eval().requires_grad_(False)
+        self.denoiser = self.prepare_denoiser(unet)
+        self.scheduler_config = scheduler_config(source, "scheduler")
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (unet.config.in_channels, *size)
+
+    def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self.denoise(x, t)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((self.vqvae.decode(latents).sample + 1) / 2).clamp(0, 1)
+
+
+class StableDiffusionAdapter(PretrainedAdapter):
+    """Text-to-image latent diffusion (stabilityai/stable-diffusion-2-1-base, -2-1): prompts, CFG, VAE."""
+
+    takes_prompts = True
+
+    def __init__(
+        self,
+        path: str | None = None,
+        id: str | None = None,
+        offline: bool = True,
+        resolution: int | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        source = checkpoint_source(path, id, offline)
+        self.tokenizer = load_component(CLIPTokenizer, source, "tokenizer", "tokenizer")
+        self.text_encoder = load_component(CLIPTextModel, source, "text_encoder", "text encoder").eval()
+        self.vae = load_component(AutoencoderKL, source, "vae", "VAE").eval().requires_grad_(False)
+        unet = load_component(UNet2DConditionModel, source, "unet", "UNet")
+        self.denoiser = self.prepare_denoiser(unet)
+        self.scheduler_config = scheduler_config(source, "scheduler")
+        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = resolution or unet.config.sample_size * vae_scale
+        self.sample_shape = (unet.config.in_channels, size // vae_scale, size // vae_scale)
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(device))[0]
+
+    def encode_condition(self, labels: Any, prompts: list[str] | None, device: torch.device) -> torch.Tensor:
+        if prompts is None:
+            raise ConfigError("a text-to-image model needs prompts: give data.prompts_file")
+        return self.embed(prompts, device)
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.embed([""], cond.device).expand_as(cond)
+
+    def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.denoise(x, t, encoder_hidden_states=cond)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((images + 1) / 2).clamp(0, 1)
+
+
+class DiTAdapter(PretrainedAdapter):
+    """Class-conditional latent DiT (facebook/DiT-XL-2-256): ImageNet labels, null class 1000, VAE decode."""
+
+    def __init__(self, path: str | None = None, id: str | None = None, offline: bool = True, **options: Any) -> None:
+        super().__init__(**options)
+        from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+        source = checkpoint_source(path, id, offline)
+        transformer = load_component(DiTTransformer2DModel, source, "transformer", "DiT transformer")
+        self.vae = load_component(AutoencoderKL, source, "vae", "VAE").eval().requires_grad_(False)
+        self.denoiser = self.prepare_denoiser(transformer)
+        self.scheduler_config = scheduler_config(source, "scheduler")
+        size = transformer.config.sample_size
+        self.latent_channels = transformer.config.in_channels
+        self.sample_shape = (self.latent_channels, size, size)
+        self.num_classes = int(transformer.config.num_embeds_ada_norm)
+
+    def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if cond is None:
+            cond = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
+        out = self.denoise(x, t, class_labels=cond)
+        return out[:, : self.latent_channels]  # DiT also predicts a variance: keep eps
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((images + 1) / 2).clamp(0, 1)

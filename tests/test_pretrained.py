@@ -1,0 +1,295 @@
+"""Every pretrained model family, on a tiny randomly initialised model of the same diffusers classes,
+saved by the test and run through the runner by model.path: offline, 2-3 steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+
+from ddim_gmm_exp.errors import ConfigError
+from ddim_gmm_exp.images import load_png
+from ddim_gmm_exp.runner import build_adapter, run
+
+FAST = ["data.num_samples=4", "data.batch_size=4", "sampler.steps=3", "metrics.fid.enabled=false", "logger=none"]
+
+
+def tiny_vae(latent_channels=4):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=8,
+    )
+
+
+def tiny_tokenizer_files(path):
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*letters, *(c + "</w>" for c in letters)]:
+        vocab[token] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=8), len(vocab)
+
+
+@pytest.fixture(scope="module")
+def pixel_dirs(tmp_path_factory):
+    """A google/ddpm-*-style checkpoint (UNet and scheduler config at the root), plain and class-conditional."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    dirs = {}
+    for name, classes in (("plain", None), ("classes", 6)):  # 5 labels and a null class
+        path = tmp_path_factory.mktemp(f"ddpm_{name}")
+        torch.manual_seed(0)
+        UNet2DModel(
+            sample_size=8,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            num_class_embeds=classes,
+        ).save_pretrained(path)
+        DDPMScheduler(num_train_timesteps=1000, clip_sample=True).save_pretrained(path)
+        dirs[name] = path
+    return dirs
+
+
+def run_model(tmp_path, cache_dir, overrides):
+    return run(compose_config([*FAST, *overrides], tmp_path, cache_dir))
+
+
+def sample_images(run_dir) -> torch.Tensor:
+    return torch.stack([load_png(p) for p in sorted((run_dir / "samples").glob("*.png"))])
+
+
+def test_pixel_ddpm(pixel_dirs, tmp_path, cache_dir):
+    args = ["model=ddpm_cifar10", f"model.path={pixel_dirs['plain']}", "sampler=ddim_gmm", "gmm.n_components=4"]
+    cfg = compose_config([*FAST, *args], tmp_path, cache_dir)
+    adapter = build_adapter(cfg)
+    assert adapter.sample_shape == (3, 8, 8) and adapter.dim == 192 and adapter.num_classes == 0
+    results = run(cfg)
+    assert results["sampled_this_run"] == 4 and results["n_components"] == 4
+    images = sample_images(tmp_path)
+    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.uint8
+
+
+def test_class_labels_reach_the_class_embedding(pixel_dirs, tmp_path, cache_dir):
+    base = ["model=ddpm_cifar10", f"model.path={pixel_dirs['classes']}", "+model.adapter.null_class=5"]
+    run_model(tmp_path / "a", cache_dir, [*base, "data.labels=[0]"])
+    run_model(tmp_path / "b", cache_dir, [*base, "data.labels=[3]"])
+    run_model(tmp_path / "c", cache_dir, [*base, "data.labels=[3]", "sampler.guidance_scale=3.0"])
+    a, b, c = (sample_images(tmp_path / d) for d in "abc")
+    assert not torch.equal(a, b) and not torch.equal(b, c)
+    with pytest.raises(ConfigError, match="sampler.guidance_scale=3.0 needs a null class"):
+        run_model(
+            tmp_path / "d",
+            cache_dir,
+            [
+                "model=ddpm_cifar10",
+                f"model.path={pixel_dirs['classes']}",
+                "data.labels=[3]",
+                "sampler.guidance_scale=3.0",
+            ],
+        )
+
+
+def test_precision_and_memory_format_options(pixel_dirs, tmp_path, cache_dir):
+    base = ["model=ddpm_cifar10", f"model.path={pixel_dirs['plain']}"]
+    run_model(tmp_path / "fp32", cache_dir, base)
+    run_model(tmp_path / "bf16", cache_dir, [*base, "model.precision=bf16", "model.channels_last=true"])
+    fp32, bf16 = sample_images(tmp_path / "fp32").float(), sample_images(tmp_path / "bf16").float()
+    assert (fp32 - bf16).abs().mean() < 20  # the same samples up to bf16 rounding
+    with pytest.raises(ConfigError, match="model.precision='fp8' is not allowed"):
+        run_model(tmp_path / "bad", cache_dir, [*base, "model.precision=fp8"])
+
+
+@pytest.fixture(scope="module")
+def ldm_dir(tmp_path_factory):
+    """A CompVis/ldm-celebahq-256-style checkpoint: unet/, vqvae/, scheduler/."""
+    from diffusers import DDIMScheduler, UNet2DModel, VQModel
+
+    path = tmp_path_factory.mktemp("ldm")
+    torch.manual_seed(0)
+    UNet2DModel(
+        sample_size=4,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).save_pretrained(path / "unet")
+    VQModel(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=3,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        num_vq_embeddings=16,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).save_pretrained(path / "vqvae")
+    DDIMScheduler(clip_sample=False).save_pretrained(path / "scheduler")
+    return path
+
+
+def test_latent_ddpm_decodes_through_the_vqvae(ldm_dir, tmp_path, cache_dir):
+    cfg = compose_config(
+        [*FAST, "model=ldm_celebahq256", f"model.path={ldm_dir}", "sampler=ddim_gmm"], tmp_path, cache_dir
+    )
+    assert build_adapter(cfg).dim == 3 * 4 * 4  # the GMM lives in latent space
+    run(cfg)
+    assert sample_images(tmp_path).shape == (4, 3, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def sd_dirs(tmp_path_factory):
+    """stable-diffusion-2-1-style checkpoints (tokenizer, text_encoder, unet, vae, scheduler), eps and v."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    dirs = {}
+    for prediction in ("epsilon", "v_prediction"):
+        path = tmp_path_factory.mktemp(f"sd_{prediction}")
+        tokenizer, vocab_size = tiny_tokenizer_files(path / "tokenizer_files")
+        tokenizer.save_pretrained(path / "tokenizer")
+        torch.manual_seed(0)
+        CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=8,
+                bos_token_id=0,
+                eos_token_id=1,
+            )
+        ).save_pretrained(path / "text_encoder")
+        UNet2DConditionModel(
+            sample_size=4,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            cross_attention_dim=16,
+            attention_head_dim=2,
+            norm_num_groups=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ).save_pretrained(path / "unet")
+        tiny_vae().save_pretrained(path / "vae")
+        DDIMScheduler(
+            prediction_type=prediction,
+            clip_sample=False,
+            steps_offset=1,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+        ).save_pretrained(path / "scheduler")
+        dirs[prediction] = path
+    return dirs
+
+
+def test_stable_diffusion_prompts_guidance_and_v_prediction(sd_dirs, tmp_path, cache_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog on a hill\n")
+    other = tmp_path / "other.txt"
+    other.write_text("the sea\nred apples\n")
+    base = ["model=sd21", f"model.path={sd_dirs['epsilon']}", "data.num_samples=2", "sampler=ddim_gmm"]
+    cfg = compose_config([*FAST, *base, f"data.prompts_file={prompts}"], tmp_path / "a", cache_dir)
+    assert cfg.sampler.guidance_scale == 7.5  # the family's usual guidance
+    adapter = build_adapter(cfg)
+    assert adapter.sample_shape == (4, 4, 4)  # latent 4 x (8 / 2) x (8 / 2)
+    run(cfg)
+    run_model(tmp_path / "b", cache_dir, [*base, f"data.prompts_file={other}"])
+    run_model(tmp_path / "c", cache_dir, [*base, f"data.prompts_file={prompts}", "sampler.guidance_scale=1.0"])
+    a, b, c = (sample_images(tmp_path / d) for d in "abc")
+    assert a.shape == (2, 3, 8, 8)
+    assert not torch.equal(a, b), "prompts must reach the text encoder"
+    assert not torch.equal(a, c), "guidance must change the output"
+    v_cfg = compose_config(
+        [*FAST, "model=sd21_768", f"model.path={sd_dirs['v_prediction']}", "data.num_samples=2"],
+        tmp_path / "v",
+        cache_dir,
+    )
+    assert build_adapter(v_cfg).scheduler_config["prediction_type"] == "v_prediction"
+    results = run(v_cfg)  # no prompts file: the shipped default prompts
+    assert results["sampled_this_run"] == 2 and np.isfinite(sample_images(tmp_path / "v").float()).all()
+
+
+def test_clip_score_of_prompted_images(sd_dirs, tmp_path, cache_dir, tiny_clip_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    results = run_model(
+        tmp_path / "run",
+        cache_dir,
+        [
+            "model=sd21",
+            f"model.path={sd_dirs['epsilon']}",
+            "data.num_samples=2",
+            f"data.prompts_file={prompts}",
+            "metrics=clip",
+            f"metrics.extra.clip.factory.model={tiny_clip_dir}",
+        ],
+    )
+    assert 0 <= results["metrics"]["clip"] <= 100
+
+
+@pytest.fixture(scope="module")
+def dit_dir(tmp_path_factory):
+    """A facebook/DiT-XL-2-256-style checkpoint: transformer/, vae/, scheduler/ (10 classes here)."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    path = tmp_path_factory.mktemp("dit")
+    torch.manual_seed(0)
+    DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=4,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    ).save_pretrained(path / "transformer")
+    tiny_vae().save_pretrained(path / "vae")
+    DDIMScheduler(clip_sample=False).save_pretrained(path / "scheduler")
+    return path
+
+
+def test_dit_labels_null_class_and_guidance(dit_dir, tmp_path, cache_dir):
+    base = ["model=dit_xl2_256", f"model.path={dit_dir}", "data.num_samples=2"]
+    cfg = compose_config([*FAST, *base], tmp_path / "a", cache_dir)
+    adapter = build_adapter(cfg)
+    assert adapter.num_classes == 10 and adapter.null_label == 10 and adapter.sample_shape == (4, 4, 4)
+    run(cfg)  # balanced labels 0, 1 with guidance 4.0
+    run_model(tmp_path / "b", cache_dir, [*base, "data.labels=[5]"])
+    run_model(tmp_path / "c", cache_dir, [*base, "data.labels=null"])
+    a, b, c = (sample_images(tmp_path / d) for d in "abc")
+    assert a.shape == (2, 3, 8, 8) and not torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_missing_checkpoints_are_clear_errors(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ConfigError, match="model.path='/nonexistent' does not exist"):
+        run_model(tmp_path / "a", cache_dir, ["model=ddpm_cifar10", "model.path=/nonexistent"])
+    with pytest.raises(ConfigError, match="cannot load the UNet from 'google/ddpm-cifar10-32' offline"):
+        run_model(tmp_path / "b", cache_dir, ["model=ddpm_cifar10"])
