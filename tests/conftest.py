@@ -55,23 +55,15 @@ def run_cli(args: list[str], cwd: Path = ROOT, timeout: float = 300, **kwargs) -
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A randomly initialised CLIP model and processor, saved like a hub checkpoint."""
-    import json
-
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     path = tmp_path_factory.mktemp("clip")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [*letters, *(c + "</w>" for c in letters)]:
-        vocab[token] = len(vocab)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    tokenizer, vocab_size = tiny_clip_tokenizer(path / "tokenizer_files")
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     config = CLIPConfig(
         text_config={
-            "vocab_size": len(vocab),
+            "vocab_size": vocab_size,
             "hidden_size": 16,
             "intermediate_size": 32,
             "num_hidden_layers": 1,
@@ -94,3 +86,20 @@ def tiny_clip_dir(tmp_path_factory):
     CLIPModel(config).save_pretrained(path)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
     return str(path)
+
+
+def tiny_clip_tokenizer(path: Path, max_length: int = 77):
+    """A CLIPTokenizer over single letters (no merges), from files written to path: (tokenizer, vocab size)."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*letters, *(c + "</w>" for c in letters)]:
+        vocab[token] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=max_length)
+    return tokenizer, len(vocab)

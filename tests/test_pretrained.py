@@ -3,12 +3,10 @@ saved by the test and run through the runner by model.path: offline, 2-3 steps."
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, tiny_clip_tokenizer
 
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.images import load_png
@@ -30,19 +28,6 @@ def tiny_vae(latent_channels=4):
         up_block_types=("UpDecoderBlock2D",) * 2,
         sample_size=8,
     )
-
-
-def tiny_tokenizer_files(path):
-    from transformers import CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [*letters, *(c + "</w>" for c in letters)]:
-        vocab[token] = len(vocab)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=8), len(vocab)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +153,7 @@ def sd_dirs(tmp_path_factory):
     dirs = {}
     for prediction in ("epsilon", "v_prediction"):
         path = tmp_path_factory.mktemp(f"sd_{prediction}")
-        tokenizer, vocab_size = tiny_tokenizer_files(path / "tokenizer_files")
+        tokenizer, vocab_size = tiny_clip_tokenizer(path / "tokenizer_files", max_length=8)
         tokenizer.save_pretrained(path / "tokenizer")
         torch.manual_seed(0)
         CLIPTextModel(

@@ -103,6 +103,34 @@ def write_summary(sweep_dir: str | Path) -> list[Path]:
 
 
 def summary_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
+    """One table per metric (series x steps, mean +- std over seeds), then every metric in one table."""
+    return "\n".join(pivot_markdown(rows, m) for m in metrics) + "\n" + long_markdown(rows, metrics)
+
+
+def pivot_markdown(rows: list[dict[str, Any]], metric: str) -> str:
+    """``metric``: one row per series, one column per step count, mean +- std over seeds."""
+    series = aggregate(rows, metric)
+    steps = sorted({p[0] for points in series.values() for p in points})
+    lines = [
+        f"**{metric}** (mean ± std over seeds)",
+        "",
+        f"| series | {' | '.join(f'{s} steps' for s in steps)} |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for label in sorted(series):
+        cells = {}
+        for step in steps:
+            values = [
+                float(r[metric])
+                for r in rows
+                if series_label(r) == label and r["steps"] == step and isinstance(r.get(metric), int | float)
+            ]
+            cells[step] = _mean_std(values)
+        lines.append(f"| {label} | {' | '.join(cells[s] for s in steps)} |")
+    return "\n".join(lines) + "\n"
+
+
+def long_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     """Mean +- std over seeds for every (series, steps), one table."""
     lines = [f"| series | steps | {' | '.join(metrics)} | seeds |", "|---|---|" + "---|" * (len(metrics) + 1)]
     by_key: dict[tuple[str, int], list[dict]] = defaultdict(list)
@@ -128,25 +156,49 @@ def _mean_std(values: list[float]) -> str:
 
 
 def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
+    """Each metric against steps, one line per series (dashed: unconditional), min-max bars over seeds."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(5 * max(1, len(metrics)), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics or ["(no metric)"], strict=False):
+    metrics = metrics or ["(no metric)"]
+    cols = min(3, len(metrics))
+    rows_n = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n + 1.5), squeeze=False)
+    labels = sorted({series_label(r) for r in rows})
+    colors = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        values = []
         for label, points in aggregate(rows, metric).items():
             steps = [p[0] for p in points]
             means = [p[1] for p in points]
             errors = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-            ax.errorbar(steps, means, yerr=errors, marker="o", capsize=3, label=label)
+            values += [p[3] for p in points] + [p[2] for p in points]
+            ax.errorbar(
+                steps,
+                means,
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                label=label,
+                color=colors[label],
+                linestyle="--" if label.endswith("uncond") else "-",
+            )
+        if values and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
         ax.set_xlabel("steps")
         ax.set_ylabel(metric)
-        ax.set_title(f"{metric} against steps")
+        ax.set_title(metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(4, max(1, len(names))), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(names) / 4), 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -1,0 +1,30 @@
+"""The benchmark scripts run and print their ratio tables (small sizes; the numbers are not checked)."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_bench_kernel_prints_its_table():
+    proc = run_script(
+        "scripts/bench_kernel.py", "--device", "cpu", "--dims", "3x32x32", "--ks", "4", "--repeats", "2", "--no-unet"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 3x32x32")]
+    assert len(rows) == 2  # diagonal and full
+
+
+def test_bench_gpu_runs_on_cpu_at_small_sizes(tmp_path):
+    out = tmp_path / "bench.md"
+    proc = run_script(
+        "scripts/bench_gpu.py", "--small", "--device", "cpu", "--steps", "2", "--repeats", "1", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = out.read_text()
+    for variant in ("(a) bare diffusers loop", "(b) runner, ddim", "(c) runner, ddim_gmm K=16", "(d) runner, bf16"):
+        assert table.count(variant) == 2  # cifar10 and sd21-base
