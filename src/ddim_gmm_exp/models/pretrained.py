@@ -2,7 +2,7 @@
 Stable Diffusion (text prompts, v- or eps-prediction) and DiT (ImageNet class labels).
 
 Each loads from a local directory (``model.path``) or a hub id (``model.id``) with diffusers'
-``from_pretrained``. No download is attempted unless ``model.offline=false``: with the hub out of
+``from_pretrained``. No download is attempted unless ``model.offline=false`` (local_files_only): with the hub out of
 reach, a missing checkpoint is a ConfigError that says which repository is needed and where to put
 it. Precision (fp32 | fp16 | bf16 autocast), channels_last and torch.compile apply to the denoiser.
 """
@@ -10,7 +10,6 @@ it. Precision (fp32 | fp16 | bf16 autocast), channels_last and torch.compile app
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +21,25 @@ from ddim_gmm_exp.models.base import ModelAdapter
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def checkpoint_source(path: str | None, hub_id: str | None, offline: bool) -> str:
-    """The directory or hub id to load from; with offline, the hub id must already be cached."""
+def checkpoint_source(path: str | None, hub_id: str | None) -> str:
+    """The directory or hub id to load from."""
     if path is not None:
         if not Path(path).is_dir():
             raise ConfigError(f"model.path={path!r} does not exist: give a local diffusers checkpoint directory")
         return str(path)
     if hub_id is None:
         raise ConfigError("the model config has neither model.path nor model.id: give model.path=DIR")
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
     return hub_id
 
 
-def load_component(cls: Any, source: str, subfolder: str | None, what: str) -> Any:
-    """``cls.from_pretrained(source, subfolder=...)`` with one clear error when it is not available."""
+def load_component(cls: Any, source: str, subfolder: str | None, what: str, offline: bool) -> Any:
+    """``cls.from_pretrained(source, subfolder=...)`` with one clear error when it is not available.
+
+    offline: local files only (a directory, or the Hugging Face cache), no network call at all.
+    """
+    kwargs = {"local_files_only": offline} | ({"subfolder": subfolder} if subfolder else {})
     try:
-        return cls.from_pretrained(source, subfolder=subfolder) if subfolder else cls.from_pretrained(source)
+        return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         where = f"{source}/{subfolder}" if subfolder else source
         raise ConfigError(
@@ -47,17 +48,16 @@ def load_component(cls: Any, source: str, subfolder: str | None, what: str) -> A
         ) from err
 
 
-def scheduler_config(source: str, subfolder: str | None) -> dict[str, Any]:
+def scheduler_config(source: str, subfolder: str | None, offline: bool) -> dict[str, Any]:
     """The checkpoint's scheduler config as a dict (diffusers' load_config, local or cached)."""
     from diffusers import DDIMScheduler
 
+    kwargs = {"local_files_only": offline} | ({"subfolder": subfolder} if subfolder else {})
     try:
-        return dict(
-            DDIMScheduler.load_config(source, subfolder=subfolder) if subfolder else DDIMScheduler.load_config(source)
-        )
+        return dict(DDIMScheduler.load_config(source, **kwargs))
     except (OSError, ValueError) as err:
         raise ConfigError(
-            f"no scheduler config in {source!r} (subfolder {subfolder!r}): the checkpoint is incomplete"
+            f"no scheduler config in {source!r} (subfolder {subfolder!r}): incomplete checkpoint"
         ) from err
 
 
@@ -122,11 +122,11 @@ class PixelDDPMAdapter(PretrainedAdapter):
         super().__init__(**options)
         from diffusers import UNet2DModel
 
-        source = checkpoint_source(path, id, offline)
+        source = checkpoint_source(path, id)
         subfolder = "unet" if path is not None and (Path(path) / "unet").is_dir() else None
-        unet = load_component(UNet2DModel, source, subfolder, "UNet")
+        unet = load_component(UNet2DModel, source, subfolder, "UNet", offline)
         self.denoiser = self.prepare_denoiser(unet)
-        self.scheduler_config = scheduler_config(source, "scheduler" if subfolder else None)
+        self.scheduler_config = scheduler_config(source, "scheduler" if subfolder else None, offline)
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (unet.config.in_channels, *size)
@@ -158,11 +158,11 @@ class LatentDDPMAdapter(PretrainedAdapter):
         super().__init__(**options)
         from diffusers import UNet2DModel, VQModel
 
-        source = checkpoint_source(path, id, offline)
-        unet = load_component(UNet2DModel, source, "unet", "UNet")
-        self.vqvae = load_component(VQModel, source, "vqvae", "VQ-VAE").eval().requires_grad_(False)
+        source = checkpoint_source(path, id)
+        unet = load_component(UNet2DModel, source, "unet", "UNet", offline)
+        self.vqvae = load_component(VQModel, source, "vqvae", "VQ-VAE", offline).eval().requires_grad_(False)
         self.denoiser = self.prepare_denoiser(unet)
-        self.scheduler_config = scheduler_config(source, "scheduler")
+        self.scheduler_config = scheduler_config(source, "scheduler", offline)
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         self.sample_shape = (unet.config.in_channels, *size)
@@ -191,13 +191,13 @@ class StableDiffusionAdapter(PretrainedAdapter):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        source = checkpoint_source(path, id, offline)
-        self.tokenizer = load_component(CLIPTokenizer, source, "tokenizer", "tokenizer")
-        self.text_encoder = load_component(CLIPTextModel, source, "text_encoder", "text encoder").eval()
-        self.vae = load_component(AutoencoderKL, source, "vae", "VAE").eval().requires_grad_(False)
-        unet = load_component(UNet2DConditionModel, source, "unet", "UNet")
+        source = checkpoint_source(path, id)
+        self.tokenizer = load_component(CLIPTokenizer, source, "tokenizer", "tokenizer", offline)
+        self.text_encoder = load_component(CLIPTextModel, source, "text_encoder", "text encoder", offline).eval()
+        self.vae = load_component(AutoencoderKL, source, "vae", "VAE", offline).eval().requires_grad_(False)
+        unet = load_component(UNet2DConditionModel, source, "unet", "UNet", offline)
         self.denoiser = self.prepare_denoiser(unet)
-        self.scheduler_config = scheduler_config(source, "scheduler")
+        self.scheduler_config = scheduler_config(source, "scheduler", offline)
         vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         size = resolution or unet.config.sample_size * vae_scale
         self.sample_shape = (unet.config.in_channels, size // vae_scale, size // vae_scale)
@@ -236,11 +236,11 @@ class DiTAdapter(PretrainedAdapter):
         super().__init__(**options)
         from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-        source = checkpoint_source(path, id, offline)
-        transformer = load_component(DiTTransformer2DModel, source, "transformer", "DiT transformer")
-        self.vae = load_component(AutoencoderKL, source, "vae", "VAE").eval().requires_grad_(False)
+        source = checkpoint_source(path, id)
+        transformer = load_component(DiTTransformer2DModel, source, "transformer", "DiT transformer", offline)
+        self.vae = load_component(AutoencoderKL, source, "vae", "VAE", offline).eval().requires_grad_(False)
         self.denoiser = self.prepare_denoiser(transformer)
-        self.scheduler_config = scheduler_config(source, "scheduler")
+        self.scheduler_config = scheduler_config(source, "scheduler", offline)
         size = transformer.config.sample_size
         self.latent_channels = transformer.config.in_channels
         self.sample_shape = (self.latent_channels, size, size)
