@@ -6,7 +6,7 @@
     # from a model family's own real images, in its own features (what the runner caches)
     python scripts/fid_stats.py --model toy --n 10000 --out refs/toy.npz
 
-Images are read as RGB uint8 (grayscale models: --channels 1) and must all have one size.
+Images are read as uint8, RGB (grayscale files: one channel), and must all have one size.
 """
 
 from __future__ import annotations
@@ -15,27 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 from ddim_gmm_exp.errors import ConfigError
-from ddim_gmm_exp.metrics import PixelFeatures, save_reference, statistics_of
+from ddim_gmm_exp.metrics import PixelFeatures, image_folder_batches, save_reference, statistics_of
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-
-
-def folder_batches(folder: Path, channels: int, batch: int = 256):
-    """uint8 (B, C, H, W) batches of every image under folder, in sorted order."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ConfigError(f"--images {str(folder)!r} holds no PNG/JPEG images")
-    mode = "RGB" if channels == 3 else "L"
-    for start in range(0, len(files), batch):
-        arrays = [np.asarray(Image.open(f).convert(mode)) for f in files[start : start + batch]]
-        images = torch.from_numpy(np.stack(arrays))
-        yield images.permute(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
 
 
 def model_family(name: str):
@@ -61,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         help="with --images: Inception-v3 2048 features, or raw pixels",
     )
     parser.add_argument("--weights-path", help="local Inception weights file (no download is made)")
-    parser.add_argument("--channels", type=int, choices=[1, 3], default=3)
     parser.add_argument("--n", type=int, default=10000, help="with --model: number of real images")
     args = parser.parse_args(argv)
     try:
@@ -71,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter, extractor = model_family(args.model)
             batches = adapter.reference_images(args.n).split(1000)
         else:
-            batches = list(folder_batches(args.images, args.channels))
+            batches = list(image_folder_batches(args.images))
             dim = batches[0][0].numel()
             extractor = 2048 if args.features == "inception" else PixelFeatures(dim)
         mu, sigma = statistics_of(extractor, batches, args.weights_path)

@@ -40,7 +40,7 @@ def compvis_ddim_eta0(model, x_T, num_steps):
     """CompVis's DDIM loop (ldm/models/diffusion/ddim.py, eta = 0) in float64 numpy, written out."""
     T = model.num_timesteps
     abar = model.alphas_cumprod.numpy()
-    ddim_timesteps = np.asarray(list(range(0, T, T // num_steps))) + 1
+    ddim_timesteps = np.asarray(list(range(0, T, T // num_steps)))[:num_steps] + 1  # S steps (docs/method.md)
     alphas = abar[ddim_timesteps]
     alphas_prev = np.asarray([abar[0]] + abar[ddim_timesteps[:-1]].tolist())
     x = x_T.double().numpy()
@@ -52,12 +52,24 @@ def compvis_ddim_eta0(model, x_T, num_steps):
     return x
 
 
-@pytest.mark.parametrize("num_steps", [10, 30])
+@pytest.mark.parametrize("num_steps", [10, 30, 50])
 def test_matches_an_independent_compvis_loop(model, num_steps):
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     samples, _ = DDIMSampler(model).sample(S=num_steps, batch_size=3, shape=(3, 8, 8), x_T=x_T, eta=0.0)
     expected = compvis_ddim_eta0(model, x_T, num_steps)
     assert np.abs(samples.numpy() - expected).max() < 1e-9
+
+
+@pytest.mark.parametrize("steps", [1, 3, 9, 30, 37, 999, 1000])
+def test_every_step_count_gives_exactly_that_many_timesteps(model, steps):
+    from ddim_gmm_exp.ldm import make_ddim_timesteps
+
+    for method in ("uniform", "quad"):
+        timesteps = make_ddim_timesteps(method, steps, 1000)
+        assert len(timesteps) == steps and timesteps.min() >= 0 and timesteps.max() <= 999
+    gmm = GMM().initialize(dim=192, n_components=4, n_steps=steps, share_across_steps=steps > 50)
+    samples, _ = DDIMSampler(model, gmm=True, gmm_params=gmm).sample(S=steps, batch_size=1, shape=(3, 8, 8), eta=1.0)
+    assert torch.isfinite(samples).all()
 
 
 def test_compvis_arguments(model):

@@ -3,6 +3,9 @@ saved by the test and run through the runner by model.path: offline, 2-3 steps."
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -99,7 +102,10 @@ def test_precision_and_memory_format_options(pixel_dirs, tmp_path, cache_dir):
     run_model(tmp_path / "fp32", cache_dir, base)
     run_model(tmp_path / "bf16", cache_dir, [*base, "model.precision=bf16", "model.channels_last=true"])
     fp32, bf16 = sample_images(tmp_path / "fp32").float(), sample_images(tmp_path / "bf16").float()
+    assert not torch.equal(fp32, bf16)  # bf16 autocast did act
     assert (fp32 - bf16).abs().mean() < 20  # the same samples up to bf16 rounding
+    compiled = build_adapter(compose_config([*FAST, *base, "model.compile=true"], tmp_path / "c", cache_dir))
+    assert isinstance(compiled.denoiser, torch._dynamo.eval_frame.OptimizedModule)
     with pytest.raises(ConfigError, match="model.precision='fp8' is not allowed"):
         run_model(tmp_path / "bad", cache_dir, [*base, "model.precision=fp8"])
 
@@ -218,6 +224,17 @@ def test_stable_diffusion_prompts_guidance_and_v_prediction(sd_dirs, tmp_path, c
     assert build_adapter(v_cfg).scheduler_config["prediction_type"] == "v_prediction"
     results = run(v_cfg)  # no prompts file: the shipped default prompts
     assert results["sampled_this_run"] == 2 and np.isfinite(sample_images(tmp_path / "v").float()).all()
+    # the same weights read as an epsilon model sample differently: the prediction type is used
+    as_eps = tmp_path / "as_eps"
+    shutil.copytree(sd_dirs["v_prediction"], as_eps)
+    config = json.loads((as_eps / "scheduler" / "scheduler_config.json").read_text()) | {"prediction_type": "epsilon"}
+    (as_eps / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    run(
+        compose_config(
+            [*FAST, "model=sd21_768", f"model.path={as_eps}", "data.num_samples=2"], tmp_path / "e", cache_dir
+        )
+    )
+    assert not torch.equal(sample_images(tmp_path / "v"), sample_images(tmp_path / "e"))
 
 
 def test_clip_score_of_prompted_images(sd_dirs, tmp_path, cache_dir, tiny_clip_dir):

@@ -31,6 +31,9 @@ def results_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+results_of_run = results_of
+
+
 # ------------------------------------------------------------------------------------ configs
 
 
@@ -49,7 +52,7 @@ def test_every_config_option_composes(group, option, tmp_path, cache_dir):
 
 def test_optuna_search_and_slurm_launcher_compose(tmp_path, cache_dir):
     search = compose_config(["hparams_search=gmm_optuna"], tmp_path, cache_dir)
-    assert search.optimized_metric == "fid" and search.sampler.use_gmm
+    assert search.optimized_metric == "fid_digits" and search.sampler.use_gmm
     assert "gmm.n_components" in search.hydra.sweeper.params
     slurm = compose_config(["hydra/launcher=slurm"], tmp_path, cache_dir)
     assert slurm.hydra.launcher.gpus_per_node == 8
@@ -82,6 +85,8 @@ def test_default_run_end_to_end(default_run):
     assert len(pngs(out)) == 100 and (out / "samples" / "000099.png").is_file()
     assert (out / "grid.png").is_file()
     assert "fid" in (out / "csv" / "metrics.csv").read_text()
+    assert results["conditional"] is True and results["gmm_clipped_fraction"] == 0.0
+    assert results["gmm_memory_bytes"] == 5 * (4 * 4 + 8 * 4 + 4 * 4 * 192 + 4 * 192)  # 5 steps, K = 4, D = 192
 
 
 def test_fid_is_pinned_against_an_independent_computation(default_run, cache_dir):
@@ -128,8 +133,9 @@ def test_guidance_and_unconditional_sampling(tmp_path, cache_dir):
         "null_class": ["sampler.guidance_scale=0.0"],
     }.items():
         fids[name] = run(compose_config(base + extra, tmp_path / name, cache_dir))["metrics"]["fid"]
-    # guidance 0 through the null class is the unconditional model exactly; the others differ
+    # guidance 0 is the unconditional model (run as such); the others differ
     assert fids["null_class"] == fids["uncond"]
+    assert results_of_run(tmp_path / "null_class")["conditional"] is False
     assert len({fids["cond"], fids["guided"], fids["uncond"]}) == 3
     assert not (tmp_path / "cond" / "samples").exists()
 
@@ -397,3 +403,98 @@ def test_every_experiment_file_runs(experiment, tmp_path, cache_dir):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(sweep.glob("*/results.json"))) == 2 and (sweep / "summary.md").is_file()
+
+
+def test_multirun_of_two_rank_jobs_shares_a_wandb_group(tmp_path, cache_dir):
+    """-m with trainer=ddp_sim (ddp_fork): every job runs on 2 ranks; the jobs share one W&B group."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "-m",
+            *SMALL,
+            "logger=wandb",
+            "trainer=ddp_sim",
+            "sampler.steps=2,3",
+            "save_images=false",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert [j["devices"] for j in jobs] == [2, 2]
+    groups = set()
+    for run_file in sweep.glob("*/wandb/offline-run-*/run-*.wandb"):
+        groups |= {r.run.run_group for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run"}
+    assert groups == {f"run-{sweep.name}"}
+
+
+def test_resume_with_fewer_samples_left_than_ranks(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = ["model=toy", "data.num_samples=4", "metrics.fid.enabled=false", "logger=none", f"hydra.run.dir={run_dir}"]
+    assert run_cli(args).returncode == 0
+    (run_dir / "samples" / "000002.png").unlink()
+    proc = run_cli([*args, "resume=true", "trainer=ddp_sim"])
+    assert proc.returncode == 2 and "only 1 samples are left to resume, fewer than the 2 ranks" in proc.stderr
+    assert run_cli([*args, "resume=true"]).returncode == 0 and (run_dir / "samples" / "000002.png").is_file()
+
+
+def test_reference_statistics_from_an_image_folder(default_run, tmp_path, cache_dir):
+    """metrics.fid.reference=DIR: the folder's statistics, computed once and cached; FID of a run
+    against its own images is 0 up to the finite-sample estimate of sqrtm."""
+    out, _ = default_run
+    cfg = compose_config(
+        [
+            *SMALL,
+            "sampler=ddim_gmm",
+            "gmm.n_components=4",
+            f"metrics.fid.reference={out / 'samples'}",
+            "logger=none",
+            "save_images=false",
+        ],
+        tmp_path,
+        cache_dir,
+    )
+    assert run(cfg)["metrics"]["fid"] < 1e-3
+    assert len(list(cache_dir.glob("fid_ref_folder_*.npz"))) == 1
+
+
+def test_clip_score_without_prompts_is_refused_before_sampling(tmp_path, cache_dir, tiny_clip_dir):
+    cfg = compose_config([*SMALL, "metrics=clip", f"metrics.extra.clip.factory.model={tiny_clip_dir}"], tmp_path,
+                         cache_dir)
+    with pytest.raises(ConfigError, match="a metric needs prompts"):
+        run(cfg)
+    assert not (tmp_path / "samples").exists()
+
+
+def test_optimized_metric_is_returned_to_the_sweeper(tmp_path, cache_dir):
+    from ddim_gmm_exp.cli import run_task
+
+    cfg = compose_config([*SMALL, "logger=none", "optimized_metric=fid"], tmp_path / "a", cache_dir)
+    assert run_task(cfg) == results_of(tmp_path / "a")["metrics"]["fid"]
+    cfg = compose_config([*SMALL, "logger=none", "optimized_metric=fid_digits"], tmp_path / "b", cache_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        run_task(cfg)
+    assert exit_info.value.code == 2
+
+
+def test_wandb_run_is_finished_on_error(tmp_path, cache_dir, monkeypatch):
+    import wandb
+
+    from ddim_gmm_exp.module import SamplingModule
+
+    def broken(self, batch, batch_idx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(SamplingModule, "predict_step", broken)
+    cfg = compose_config([*SMALL, "logger=wandb"], tmp_path, cache_dir)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(cfg)
+    assert wandb.run is None
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    for _ in range(300):
+        exits = [r.exit.exit_code for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
+        if exits:
+            break
+        time.sleep(0.1)
+    assert exits == [1]

@@ -203,3 +203,17 @@ def test_kernel_noise_draws_z_first_then_components():
     z = randn_tensor(SHAPE, generator=g)
     k = gmm.draw_components(0, SHAPE[0], g)
     assert torch.equal(noise, gmm.unit_noise(0, z, k))
+
+
+@pytest.mark.parametrize("moments", ["diagonal", "full"])
+def test_the_last_step_with_abar_one_has_no_noise(moments):
+    """abar_s = 1 gives sigma = 0: the last step ignores the noise, whichever kernel drew it."""
+    gmm = GMM().initialize(dim=48, n_components=8, n_steps=1, moments=moments)
+    x, out = torch.randn(SHAPE), torch.randn(SHAPE)
+    abar_t, final = torch.tensor(0.9), torch.tensor(1.0)
+    steps = [
+        ddim_step(out, x, abar_t, final, 1.0, kernel_noise(SHAPE, torch.Generator().manual_seed(s), gmm=gmm))[0]
+        for s in range(3)
+    ]
+    assert torch.equal(steps[0], steps[1]) and torch.equal(steps[0], steps[2])
+    assert torch.equal(steps[0], ddim_step(out, x, abar_t, final, 0.0)[0])

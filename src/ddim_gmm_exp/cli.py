@@ -52,4 +52,8 @@ def run_task(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         fail(str(err))
     metric = cfg.get("optimized_metric")
-    return results["metrics"].get(metric) if metric else None
+    if not metric:
+        return None
+    if metric not in results["metrics"]:
+        fail(f"optimized_metric={metric!r} is not among this run's metrics: choose one of {sorted(results['metrics'])}")
+    return results["metrics"][metric]

@@ -45,7 +45,13 @@ _UNSUPPORTED = {
 
 
 def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
-    """CompVis's DDIM timesteps, ascending ('uniform': range(0, T, T // S) + 1; 'quad')."""
+    """CompVis's DDIM timesteps, ascending, exactly S of them.
+
+    'uniform': 0, c, 2c, ... (c = T // S), shifted by one as CompVis does; 'quad': CompVis's
+    quadratic spacing. Where CompVis's rule breaks we keep S steps inside [0, T-1]: when T % S != 0
+    it would give S+1 steps (we keep the first S), and when the shift would reach T (e.g. S = T)
+    the timesteps are not shifted.
+    """
     if method not in DISCRETIZATIONS:
         raise ValueError(f"ddim_discretize={method!r} is not allowed: choose one of {DISCRETIZATIONS}")
     if (
@@ -59,10 +65,10 @@ def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps
         )
     if method == "uniform":
         stride = num_ddpm_timesteps // num_ddim_timesteps
-        timesteps = np.asarray(list(range(0, num_ddpm_timesteps, stride)))
+        timesteps = np.arange(num_ddim_timesteps) * stride
     else:
         timesteps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
-    return timesteps + 1
+    return timesteps + 1 if timesteps[-1] + 1 < num_ddpm_timesteps else timesteps
 
 
 class DDIMSampler:

@@ -110,6 +110,42 @@ def statistics_of(
     return mu.numpy(), sigma.numpy()
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def image_folder_batches(folder: str | Path, batch: int = 256):
+    """uint8 (B, C, H, W) batches of every image under folder, sorted by path. Grayscale files stay
+    one channel, others are read as RGB; all must have one size."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{str(folder)!r} holds no PNG/JPEG images")
+    mode = "L" if Image.open(files[0]).mode in ("L", "1", "I;16") else "RGB"
+    for start in range(0, len(files), batch):
+        arrays = np.stack([np.asarray(Image.open(f).convert(mode)) for f in files[start : start + batch]])
+        images = torch.from_numpy(arrays)
+        yield images.permute(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
+
+
+def folder_reference(
+    folder: str | Path, extractor: torch.nn.Module | int, cache_dir: str | Path, weights_path: str | None = None
+) -> Path:
+    """Reference statistics of a folder of real images, computed once and cached (keyed by the
+    folder, its files' count and newest change, and the features)."""
+    files = [p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+    newest = max((p.stat().st_mtime_ns for p in files), default=0)
+    key = f"{Path(folder).resolve()}|{len(files)}|{newest}|{type(extractor).__name__}|{feature_dim(extractor)}"
+    path = Path(cache_dir) / f"fid_ref_folder_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    if not path.is_file():
+        log.info("computing reference statistics of %d images in %s -> %s", len(files), folder, path)
+        mu, sigma = statistics_of(extractor, image_folder_batches(folder), weights_path)
+        tmp = path.with_suffix(".tmp.npz")
+        save_reference(tmp, mu, sigma)
+        os.replace(tmp, path)
+    return path
+
+
 def check_reference(mu: np.ndarray, sigma: np.ndarray, dim: int, source: str) -> None:
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise ConfigError(
@@ -172,6 +208,11 @@ class MetricSuite(torch.nn.Module):
         self.fid.real_features_sum = REFERENCE_N * mu
         self.fid.real_features_cov_sum = (REFERENCE_N - 1) * sigma + REFERENCE_N * torch.outer(mu, mu)
         self.fid.real_features_num_samples = torch.tensor(REFERENCE_N, device=mu.device)
+
+    @property
+    def needs_prompts(self) -> bool:
+        """Whether a metric scores images against their prompts (CLIP score)."""
+        return any(getattr(f, "needs_prompts", False) for f in self._extra_args.values())
 
     def metrics(self) -> list[Metric]:
         return ([self.fid] if self.fid is not None else []) + list(self.extras.values())
@@ -258,6 +299,7 @@ def clip_score_extra(model: str = "openai/clip-vit-base-patch16", adapter: Any =
             raise ConfigError("metrics.extra.clip needs prompts: give data.prompts_file")
         return list(images), prompts
 
+    arguments.needs_prompts = True
     return CLIPScore(model_name_or_path=clip_loader(model)), arguments
 
 

@@ -33,6 +33,7 @@ from ddim_gmm_exp.metrics import (
     cached_reference,
     check_reference,
     feature_dim,
+    folder_reference,
     load_reference,
     make_fid,
 )
@@ -193,7 +194,10 @@ def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
             )
         fid = make_fid(extractor, fid_cfg.weights_path)
         shipped = adapter.reference_stats if features == "model" else None
-        if fid_cfg.reference is not None:
+        if fid_cfg.reference is not None and Path(fid_cfg.reference).is_dir():
+            path = folder_reference(fid_cfg.reference, extractor, cfg.paths.cache_dir, fid_cfg.weights_path)
+            source, reference = f"of the images in {fid_cfg.reference!r}", load_reference(path)
+        elif fid_cfg.reference is not None:
             source = f"in {fid_cfg.reference!r}"
             reference = load_reference(fid_cfg.reference)
         elif shipped is not None:
@@ -354,7 +358,7 @@ def sweep_group() -> str | None:
     return f"{hydra_cfg.job.name}-{Path(hydra_cfg.sweep.dir).name}"
 
 
-def run_metadata(cfg: DictConfig) -> dict[str, Any]:
+def run_metadata(cfg: DictConfig, conditional: bool, gmm: GMM | None) -> dict[str, Any]:
     overrides: list[str] = []
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -369,10 +373,12 @@ def run_metadata(cfg: DictConfig) -> dict[str, Any]:
         "steps": cfg.sampler.steps,
         "eta": cfg.sampler.eta,
         "guidance_scale": cfg.sampler.guidance_scale,
-        "conditional": cfg.data.labels is not None and cfg.sampler.guidance_scale > 0,
+        "conditional": conditional,
         "n_components": cfg.gmm.n_components if cfg.sampler.use_gmm else None,
         "moments": cfg.gmm.moments if cfg.sampler.use_gmm else None,
         "gmm_scale": cfg.gmm.scale if cfg.sampler.use_gmm else None,
+        "gmm_clipped_fraction": gmm.clipped_fraction if gmm is not None else None,
+        "gmm_memory_bytes": gmm.memory_bytes if gmm is not None else None,
         "seed": cfg.data.seed,
     }
 
@@ -389,6 +395,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     adapter = build_adapter(cfg)
     scheduler = build_scheduler(adapter, cfg.sampler)
     labels = resolve_labels(cfg.data.labels, adapter.num_classes)
+    if cfg.sampler.guidance_scale == 0:  # out_u + 0 (out_c - out_u): the unconditional model, run as such
+        labels = None
     if labels is not None and cfg.sampler.guidance_scale != 1.0 and adapter.null_label is None:
         raise ConfigError(
             f"sampler.guidance_scale={cfg.sampler.guidance_scale} needs a null class, and "
@@ -399,7 +407,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         prompts = read_prompts(str(DEFAULT_PROMPTS))
         log.info("no data.prompts_file: using the %d prompts of %s", len(prompts), DEFAULT_PROMPTS)
     todo, done = indices_to_sample(cfg, output_dir, sample_dir)
+    ranks = world_size(cfg.trainer)
+    if 0 < len(todo) < ranks:
+        raise ConfigError(
+            f"only {len(todo)} samples are left to resume, fewer than the {ranks} ranks of the "
+            "trainer: resume with trainer=cpu (or fewer devices)"
+        )
     metrics = build_metrics(cfg, adapter)
+    if metrics.needs_prompts and prompts is None:
+        raise ConfigError(
+            f"a metric needs prompts (CLIP score) but model={cfg.model.name} samples none: "
+            "drop it (metrics=default) or use a text-to-image model with data.prompts_file"
+        )
     gmm = build_gmm(cfg, adapter)
     logger = build_logger(cfg, output_dir, cfg.logger.get("group") or sweep_group())
 
@@ -439,11 +458,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.sampler.name,
         cfg.sampler.steps,
     )
-    module = SamplingModule(adapter, plan, metrics, report=make_report(cfg, output_dir, run_metadata(cfg), started))
+    meta = run_metadata(cfg, conditional=labels is not None or prompts is not None, gmm=gmm)
+    module = SamplingModule(adapter, plan, metrics, report=make_report(cfg, output_dir, meta, started))
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         logger=logger,
-        callbacks=[ImagesPerSecondBar()],
+        callbacks=[ImagesPerSecondBar(), FinishWandb()],
         enable_model_summary=False,
         enable_checkpointing=False,
     )
@@ -458,10 +478,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         failed = False
     finally:
         finish_wandb(error=failed)
+    if trainer.global_rank != 0:  # plain ddp runs this function on every rank; rank 0 reports
+        return {}
     results_file = output_dir / RESULTS_FILE
     if not results_file.is_file():
         raise RuntimeError(f"the run ended without writing {results_file}")
     return json.loads(results_file.read_text())
+
+
+class FinishWandb(L.Callback):
+    """Finish the W&B run in the process that made it (with ddp_fork, a worker, not the launcher)."""
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        finish_wandb(error=False)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        finish_wandb(error=True)
 
 
 def finish_wandb(error: bool) -> None:

@@ -39,13 +39,16 @@ def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:
     for path in sorted(Path(sweep_dir).glob("**/results.json"), key=lambda p: _job_key(p, sweep_dir)):
         result = json.loads(path.read_text())
         row = {"job": str(path.parent.relative_to(sweep_dir))}
-        row |= {k: result.get(k) for k in KEY_COLUMNS}
+        row |= {k: result.get(k) for k in ["model", *KEY_COLUMNS]}
         row |= result.get("metrics", {})
         row |= {
             "images_per_second": result.get("images_per_second"),
             "overrides": " ".join(result.get("overrides", [])),
         }
         rows.append(row)
+    models = {row["model"] for row in rows}
+    for row in rows:  # name the model in a series only when the sweep has several
+        row["_only_model"] = next(iter(models)) if len(models) == 1 else None
     return rows
 
 
@@ -55,7 +58,7 @@ def _job_key(path: Path, sweep_dir: Path) -> tuple:
 
 
 def metric_names(rows: list[dict[str, Any]]) -> list[str]:
-    fixed = {"job", "images_per_second", "overrides", *KEY_COLUMNS}
+    fixed = {"job", "model", "_only_model", "images_per_second", "overrides", *KEY_COLUMNS}
     names: list[str] = []
     for row in rows:
         names += [k for k in row if k not in fixed and k not in names and isinstance(row[k], int | float)]
@@ -63,9 +66,16 @@ def metric_names(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def series_label(row: dict[str, Any]) -> str:
+    """Everything that tells jobs apart but the seed (jobs that differ only in seed are averaged)."""
     label = f"{row['sampler']} eta={row['eta']}"
     if row.get("n_components") is not None:
         label += f" K={row['n_components']} {row['moments']}"
+        if row.get("gmm_scale") not in (None, 1.0):
+            label += f" scale={row['gmm_scale']}"
+    if row.get("guidance_scale") not in (None, 1.0, 0.0) and row.get("conditional") is not False:
+        label += f" cfg={row['guidance_scale']}"
+    if row.get("model") is not None and row.get("model") != row.get("_only_model"):
+        label = f"{row['model']}: {label}"
     if row.get("conditional") is False:
         label += " uncond"
     return label
@@ -92,7 +102,7 @@ def write_summary(sweep_dir: str | Path) -> list[Path]:
         log.warning("no results.json under %s: no summary written", sweep_dir)
         return []
     metrics = metric_names(rows)
-    columns = ["job", *KEY_COLUMNS, *metrics, "images_per_second", "overrides"]
+    columns = ["job", "model", *KEY_COLUMNS, *metrics, "images_per_second", "overrides"]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
