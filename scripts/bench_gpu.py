@@ -29,7 +29,7 @@ import torch
 from ddim_gmm_exp.diffusers import DDIMScheduler
 from ddim_gmm_exp.gmm import GMM
 from ddim_gmm_exp.metrics import MetricSuite
-from ddim_gmm_exp.models.pretrained import PretrainedAdapter
+from ddim_gmm_exp.models.pretrained import PretrainedAdapter, ddpm_cifar10_unet
 from ddim_gmm_exp.module import SamplingModule, SamplingPlan
 
 SD_SCHEDULE = dict(
@@ -45,23 +45,7 @@ DDPM_SCHEDULE = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, cli
 
 
 def cifar_unet(small: bool) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    from diffusers import UNet2DModel
-
-    channels = (32, 64, 64, 64) if small else (128, 256, 256, 256)
-    unet = UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=2,
-        block_out_channels=channels,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_eps=1e-6,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-    )
-    return unet, (3, 32, 32)
+    return ddpm_cifar10_unet((32, 64, 64, 64) if small else (128, 256, 256, 256)), (3, 32, 32)
 
 
 def sd21_unet(small: bool) -> tuple[torch.nn.Module, tuple[int, ...], int]:
@@ -171,22 +155,9 @@ def runner_path(adapter, batch, steps, guidance, gmm_components, device):
     gmm = None  # gmm_components: 0 = DDIM eta 0, -1 = DDIM eta 1 (per-sample noise, no GMM), K > 0 = DDIM-GMM
     if gmm_components > 0:
         gmm = GMM().initialize(dim=adapter.dim, n_components=gmm_components, n_steps=steps)
-    plan = SamplingPlan(
-        timesteps=scheduler.timesteps.tolist(),
-        alphas_cumprod=scheduler.alphas_cumprod,
-        final_abar=scheduler.final_alpha_cumprod,
+    plan = SamplingPlan.from_scheduler(
+        scheduler,
         eta=1.0 if gmm_components else 0.0,
-        prediction_type=scheduler.config.prediction_type,
-        step_options={
-            k: scheduler.config[k]
-            for k in (
-                "clip_sample",
-                "clip_sample_range",
-                "thresholding",
-                "dynamic_thresholding_ratio",
-                "sample_max_value",
-            )
-        },
         guidance_scale=guidance,
         gmm=gmm,
         prompts=["a prompt"] if adapter.context is not None else None,

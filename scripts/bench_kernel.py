@@ -21,29 +21,11 @@ from collections.abc import Callable
 import torch
 
 from ddim_gmm_exp.gmm import GMM
+from ddim_gmm_exp.models.pretrained import ddpm_cifar10_unet
 from ddim_gmm_exp.noise import sample_generators
 from ddim_gmm_exp.sampling import ddim_step, kernel_noise
 
 DIMS = {"3x32x32": (3, 32, 32), "4x64x64": (4, 64, 64), "3x256x256": (3, 256, 256)}
-
-
-def cifar10_unet() -> torch.nn.Module:
-    """UNet2DModel with the architecture of google/ddpm-cifar10-32 (35.7M parameters), random weights."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=2,
-        block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_eps=1e-6,
-        downsample_padding=0,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-    )
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -92,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     unet_s = float("nan")
     if not args.no_unet:
-        unet = cifar10_unet().to(device).eval()
+        unet = ddpm_cifar10_unet().to(device).eval()
         x = torch.randn(args.batch, 3, 32, 32, device=device)
         t = torch.full((args.batch,), 500, device=device)
         with torch.no_grad():

@@ -460,8 +460,9 @@ def test_reference_statistics_from_an_image_folder(default_run, tmp_path, cache_
 
 
 def test_clip_score_without_prompts_is_refused_before_sampling(tmp_path, cache_dir, tiny_clip_dir):
-    cfg = compose_config([*SMALL, "metrics=clip", f"metrics.extra.clip.factory.model={tiny_clip_dir}"], tmp_path,
-                         cache_dir)
+    cfg = compose_config(
+        [*SMALL, "metrics=clip", f"metrics.extra.clip.factory.model={tiny_clip_dir}"], tmp_path, cache_dir
+    )
     with pytest.raises(ConfigError, match="a metric needs prompts"):
         run(cfg)
     assert not (tmp_path / "samples").exists()

@@ -44,6 +44,21 @@ class SamplingPlan:
     sample_dir: Path | None = None
     resumed_indices: list[int] = field(default_factory=list)
 
+    @classmethod
+    def from_scheduler(cls, scheduler: Any, eta: float, **kwargs: Any) -> SamplingPlan:
+        """The plan of a diffusers DDIMScheduler after set_timesteps: its timesteps, schedule,
+        prediction type and x0 clipping / thresholding settings."""
+        options = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+        return cls(
+            timesteps=scheduler.timesteps.tolist(),
+            alphas_cumprod=scheduler.alphas_cumprod,
+            final_abar=scheduler.final_alpha_cumprod,
+            eta=float(eta),
+            prediction_type=scheduler.config.prediction_type,
+            step_options={k: scheduler.config[k] for k in options},
+            **kwargs,
+        )
+
 
 class SamplingModule(L.LightningModule):
     """predict_step = sample a batch of global indices with the core library, then score it."""

@@ -426,22 +426,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.save_images:
         sample_dir.mkdir(exist_ok=True)
         (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(run_fingerprint(cfg), indent=2))
-    plan = SamplingPlan(
-        timesteps=scheduler.timesteps.tolist(),
-        alphas_cumprod=scheduler.alphas_cumprod,
-        final_abar=scheduler.final_alpha_cumprod,
-        eta=float(cfg.sampler.eta),
-        prediction_type=scheduler.config.prediction_type,
-        step_options={
-            k: scheduler.config[k]
-            for k in (
-                "clip_sample",
-                "clip_sample_range",
-                "thresholding",
-                "dynamic_thresholding_ratio",
-                "sample_max_value",
-            )
-        },
+    plan = SamplingPlan.from_scheduler(
+        scheduler,
+        eta=cfg.sampler.eta,
         guidance_scale=float(cfg.sampler.guidance_scale),
         gmm=gmm,
         base_seed=cfg.data.seed,

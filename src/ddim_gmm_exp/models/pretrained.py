@@ -255,3 +255,23 @@ class DiTAdapter(PretrainedAdapter):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((images + 1) / 2).clamp(0, 1)
+
+
+def ddpm_cifar10_unet(block_out_channels: tuple[int, ...] = (128, 256, 256, 256)) -> torch.nn.Module:
+    """A UNet2DModel with google/ddpm-cifar10-32's architecture (35.7M parameters), random weights,
+    for benchmarks (narrower with other block_out_channels)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    )
