@@ -61,6 +61,11 @@ def scheduler_config(source: str, subfolder: str | None, offline: bool) -> dict[
         ) from err
 
 
+def square(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
+    """(H, W) from a diffusers sample_size (an int for square samples)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 class PretrainedAdapter(ModelAdapter):
     """What every diffusers-based adapter shares: precision, memory format, compilation, decoding."""
 
@@ -71,6 +76,9 @@ class PretrainedAdapter(ModelAdapter):
         self.precision = precision
         self.channels_last = channels_last
         self.compile = compile
+        # latent families: their first-stage decoder (VAE or VQ-VAE) and the factor latents were scaled by
+        self.autoencoder: torch.nn.Module | None = None
+        self.latent_scale = 1.0
 
     def prepare_denoiser(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.eval().requires_grad_(False)
@@ -94,7 +102,9 @@ class PretrainedAdapter(ModelAdapter):
             return self.denoiser(x, t, **kwargs).sample.float()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((latents + 1) / 2).clamp(0, 1)
+        """Samples -> images in [0, 1], through the family's autoencoder where it has one."""
+        images = latents if self.autoencoder is None else self.autoencoder.decode(latents / self.latent_scale).sample
+        return ((images + 1) / 2).clamp(0, 1)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Decode in chunks (VAE decoders are the memory peak of latent models)."""
@@ -127,9 +137,7 @@ class PixelDDPMAdapter(PretrainedAdapter):
         unet = load_component(UNet2DModel, source, subfolder, "UNet", offline)
         self.denoiser = self.prepare_denoiser(unet)
         self.scheduler_config = scheduler_config(source, "scheduler" if subfolder else None, offline)
-        size = unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        self.sample_shape = (unet.config.in_channels, *size)
+        self.sample_shape = (unet.config.in_channels, *square(unet.config.sample_size))
         embeds = int(unet.config.num_class_embeds or 0)
         if null_class is not None and not 0 <= null_class < embeds:
             raise ConfigError(
@@ -160,18 +168,13 @@ class LatentDDPMAdapter(PretrainedAdapter):
 
         source = checkpoint_source(path, id)
         unet = load_component(UNet2DModel, source, "unet", "UNet", offline)
-        self.vqvae = load_component(VQModel, source, "vqvae", "VQ-VAE", offline).eval().requires_grad_(False)
+        self.autoencoder = load_component(VQModel, source, "vqvae", "VQ-VAE", offline).eval().requires_grad_(False)
         self.denoiser = self.prepare_denoiser(unet)
         self.scheduler_config = scheduler_config(source, "scheduler", offline)
-        size = unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        self.sample_shape = (unet.config.in_channels, *size)
+        self.sample_shape = (unet.config.in_channels, *square(unet.config.sample_size))
 
     def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         return self.denoise(x, t)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((self.vqvae.decode(latents).sample + 1) / 2).clamp(0, 1)
 
 
 class StableDiffusionAdapter(PretrainedAdapter):
@@ -194,11 +197,12 @@ class StableDiffusionAdapter(PretrainedAdapter):
         source = checkpoint_source(path, id)
         self.tokenizer = load_component(CLIPTokenizer, source, "tokenizer", "tokenizer", offline)
         self.text_encoder = load_component(CLIPTextModel, source, "text_encoder", "text encoder", offline).eval()
-        self.vae = load_component(AutoencoderKL, source, "vae", "VAE", offline).eval().requires_grad_(False)
+        self.autoencoder = load_component(AutoencoderKL, source, "vae", "VAE", offline).eval().requires_grad_(False)
+        self.latent_scale = self.autoencoder.config.scaling_factor
         unet = load_component(UNet2DConditionModel, source, "unet", "UNet", offline)
         self.denoiser = self.prepare_denoiser(unet)
         self.scheduler_config = scheduler_config(source, "scheduler", offline)
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        vae_scale = 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
         size = resolution or unet.config.sample_size * vae_scale
         self.sample_shape = (unet.config.in_channels, size // vae_scale, size // vae_scale)
 
@@ -224,10 +228,6 @@ class StableDiffusionAdapter(PretrainedAdapter):
     def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.denoise(x, t, encoder_hidden_states=cond)
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return ((images + 1) / 2).clamp(0, 1)
-
 
 class DiTAdapter(PretrainedAdapter):
     """Class-conditional latent DiT (facebook/DiT-XL-2-256): ImageNet labels, null class 1000, VAE decode."""
@@ -238,7 +238,8 @@ class DiTAdapter(PretrainedAdapter):
 
         source = checkpoint_source(path, id)
         transformer = load_component(DiTTransformer2DModel, source, "transformer", "DiT transformer", offline)
-        self.vae = load_component(AutoencoderKL, source, "vae", "VAE", offline).eval().requires_grad_(False)
+        self.autoencoder = load_component(AutoencoderKL, source, "vae", "VAE", offline).eval().requires_grad_(False)
+        self.latent_scale = self.autoencoder.config.scaling_factor
         self.denoiser = self.prepare_denoiser(transformer)
         self.scheduler_config = scheduler_config(source, "scheduler", offline)
         size = transformer.config.sample_size
@@ -251,10 +252,6 @@ class DiTAdapter(PretrainedAdapter):
             cond = torch.full((x.shape[0],), self.null_label, device=x.device, dtype=torch.long)
         out = self.denoise(x, t, class_labels=cond)
         return out[:, : self.latent_channels]  # DiT also predicts a variance: keep eps
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return ((images + 1) / 2).clamp(0, 1)
 
 
 def ddpm_cifar10_unet(block_out_channels: tuple[int, ...] = (128, 256, 256, 256)) -> torch.nn.Module:
