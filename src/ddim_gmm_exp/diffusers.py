@@ -32,7 +32,9 @@ from ddim_gmm_exp.sampling import (
     check_prediction_type,
     ddim_step,
     kernel_noise,
+    previous_abar,
     warn_gmm_without_noise,
+    x0_options,
 )
 
 __all__ = ["DDIMScheduler", "DDIMGMMScheduler", "GMM"]
@@ -152,9 +154,8 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         i = self.step_index_of(timestep)
         check_eta(eta)
         check_prediction_type(self.config.prediction_type)
-        prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
         abar_t = self.alphas_cumprod[int(timestep)]
-        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        abar_prev = previous_abar(self.alphas_cumprod, self.timesteps, i, self.final_alpha_cumprod)
         gmm = self._gmm_on(model_output.device)
         if gmm is not None and eta == 0 and not self._warned_eta_zero:
             warn_gmm_without_noise()
@@ -166,8 +167,6 @@ class DDIMScheduler(diffusers.DDIMScheduler):
                     "Cannot pass both generator and variance_noise. Please make sure that either "
                     "`generator` or `variance_noise` stays `None`."
                 )
-            if gmm is not None:
-                gmm.check_shape(tuple(model_output.shape))
             noise = kernel_noise(
                 model_output.shape,
                 generator,
@@ -185,12 +184,8 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             eta,
             noise,
             prediction_type=self.config.prediction_type,
-            clip_sample=self.config.clip_sample,
-            clip_sample_range=self.config.clip_sample_range,
-            thresholding=self.config.thresholding,
-            dynamic_thresholding_ratio=self.config.dynamic_thresholding_ratio,
-            sample_max_value=self.config.sample_max_value,
             use_clipped_model_output=use_clipped_model_output,
+            **x0_options(self.config),
         )
         if not return_dict:
             return prev_sample, x0

@@ -138,18 +138,16 @@ def shaped_offsets(
     return u, shaped, coords
 
 
-def offset_scale_factor(basis: torch.Tensor, singular: torch.Tensor, hp: GMMHyperparameters) -> float:
+def offset_scale_factor(direction_var: torch.Tensor, coordinate_var: torch.Tensor, hp: GMMHyperparameters) -> float:
     """The one number a that the offsets are multiplied by (METHOD.md step 6).
 
+    direction_var: the r eigenvalues S'^2 of C; coordinate_var: its diagonal v_d, both unscaled.
     full: largest (upper_bound_vars) or mean eigenvalue of C over its r directions is scale^2.
     diagonal: largest (upper_bound_vars) or mean per-coordinate variance v_d = C[d, d] is scale^2.
     """
-    if singular.numel() == 0 or hp.scale == 0:
+    if direction_var.numel() == 0 or hp.scale == 0:
         return 0.0
-    if hp.moments == "full":
-        variances = singular**2
-    else:
-        variances = (basis**2) @ (singular**2)
+    variances = direction_var if hp.moments == "full" else coordinate_var
     reference = variances.max() if hp.upper_bound_vars else variances.mean()
     return float(hp.scale / reference.sqrt())
 
@@ -177,10 +175,12 @@ def build_step_kernel(hp: GMMHyperparameters, step_index: int) -> StepKernel:
     priors = draw_priors(hp.n_components, hp.uniform_priors, generator)
     centred = centred_offsets(hp.dim, priors, generator)
     basis, singular, coords = shaped_offsets(centred, priors, hp.orthonormal)
-    factor = offset_scale_factor(basis, singular, hp)
+    direction_var = singular**2
+    coordinate_var = (basis**2) @ direction_var  # C[d, d], the one O(D r) product of this step
+    factor = offset_scale_factor(direction_var, coordinate_var, hp)
     coords = coords * factor
-    eigvals = (singular * factor) ** 2
-    offset_var = (basis**2) @ eigvals
+    eigvals = direction_var * factor**2
+    offset_var = coordinate_var * factor**2
     if hp.moments == "full":
         clipped = eigvals > 1 + _CLIP_TOLERANCE
         clipped_fraction = float(clipped.double().mean()) if eigvals.numel() else 0.0

@@ -172,9 +172,7 @@ class DDIMSampler:
             )
         self.make_schedule(ddim_num_steps=num_steps, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
         full_shape = (batch_size, *shape)
-        if self.gmm_params is not None:
-            self.gmm_params.check_shape(full_shape)
-            self.gmm_params.check_num_steps(len(self.ddim_timesteps))
+        if self.gmm_params is not None:  # its shape and step count are checked by sample_ddim
             if eta == 0 and not self._warned_eta_zero:
                 warn_gmm_without_noise(stacklevel=4)  # past sample() and torch's no_grad wrapper
                 self._warned_eta_zero = True
@@ -198,12 +196,13 @@ class DDIMSampler:
                 intermediates["x_inter"].append(x_prev)
                 intermediates["pred_x0"].append(x0)
 
+        alphas_cumprod = self.alphas_cumprod
         samples = sample_ddim(
             denoise,
             x,
             timesteps,
-            self.alphas_cumprod,
-            self.alphas_cumprod[0],
+            alphas_cumprod,
+            alphas_cumprod[0],
             eta=eta,
             gmm=self.gmm_params,
             generator=generator,

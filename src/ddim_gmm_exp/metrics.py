@@ -137,9 +137,19 @@ def folder_reference(
     newest = max((p.stat().st_mtime_ns for p in files), default=0)
     key = f"{Path(folder).resolve()}|{len(files)}|{newest}|{type(extractor).__name__}|{feature_dim(extractor)}"
     path = Path(cache_dir) / f"fid_ref_folder_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    return cached_statistics(
+        path, f"{len(files)} images in {folder}", lambda: image_folder_batches(folder), extractor, weights_path
+    )
+
+
+def cached_statistics(
+    path: Path, what: str, batches: Callable[[], Any], extractor: torch.nn.Module | int, weights_path: str | None
+) -> Path:
+    """path, computing (mu, sigma) of the image batches into it first unless it exists; written to a
+    temporary name and renamed, so that an interrupted run leaves no half file in the cache."""
     if not path.is_file():
-        log.info("computing reference statistics of %d images in %s -> %s", len(files), folder, path)
-        mu, sigma = statistics_of(extractor, image_folder_batches(folder), weights_path)
+        log.info("computing reference statistics of %s -> %s", what, path)
+        mu, sigma = statistics_of(extractor, batches(), weights_path)
         tmp = path.with_suffix(".tmp.npz")
         save_reference(tmp, mu, sigma)
         os.replace(tmp, path)
@@ -165,14 +175,9 @@ def cached_reference(
     """Reference statistics of the model family's real images, computed once and cached."""
     key = hashlib.sha1(f"{model_key}|{type(extractor).__name__}|{feature_dim(extractor)}|{n}".encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"fid_ref_{key}.npz"
-    if not path.is_file():
-        log.info("computing reference statistics of %d real images -> %s", n, path)
-        images = adapter.reference_images(n)
-        mu, sigma = statistics_of(extractor, images.split(1000), weights_path)
-        tmp = path.with_suffix(".tmp.npz")
-        save_reference(tmp, mu, sigma)
-        os.replace(tmp, path)
-    return path
+    return cached_statistics(
+        path, f"{n} real images", lambda: adapter.reference_images(n).split(1000), extractor, weights_path
+    )
 
 
 class MetricSuite(torch.nn.Module):

@@ -23,7 +23,7 @@ from ddim_gmm_exp.images import load_png, png_path, save_png, to_uint8
 from ddim_gmm_exp.metrics import MetricSuite
 from ddim_gmm_exp.models.base import ModelAdapter
 from ddim_gmm_exp.noise import randn, sample_generators
-from ddim_gmm_exp.sampling import classifier_free_guidance, sample_ddim
+from ddim_gmm_exp.sampling import classifier_free_guidance, sample_ddim, x0_options
 
 
 @dataclass
@@ -48,14 +48,13 @@ class SamplingPlan:
     def from_scheduler(cls, scheduler: Any, eta: float, **kwargs: Any) -> SamplingPlan:
         """The plan of a diffusers DDIMScheduler after set_timesteps: its timesteps, schedule,
         prediction type and x0 clipping / thresholding settings."""
-        options = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
         return cls(
             timesteps=scheduler.timesteps.tolist(),
             alphas_cumprod=scheduler.alphas_cumprod,
             final_abar=scheduler.final_alpha_cumprod,
             eta=float(eta),
             prediction_type=scheduler.config.prediction_type,
-            step_options={k: scheduler.config[k] for k in options},
+            step_options=x0_options(scheduler.config),
             **kwargs,
         )
 
@@ -68,19 +67,19 @@ class SamplingModule(L.LightningModule):
         adapter: ModelAdapter,
         plan: SamplingPlan,
         metrics: MetricSuite,
-        report: Callable[[dict[str, Any], list[torch.Tensor], Any], None] | None = None,
+        report: Callable[[dict[str, float], dict[str, Any], list[torch.Tensor], Any], None] | None = None,
     ) -> None:
         super().__init__()
         self.adapter = adapter
         self.plan = plan
         self.metrics = metrics
         self.report = report
-        self.results: dict[str, Any] = {}
+        self.results: dict[str, float] = {}
         self._gmm_on_device: GMM | None = None
         self._seconds = 0.0
         self._count = 0
         self._batches = 0
-        self.first_images: list[torch.Tensor] = []
+        self.first_images: list[tuple[int, torch.Tensor]] = []  # (global index, image) of indices < 64
 
     def on_predict_start(self) -> None:
         self.adapter.eval()
@@ -150,45 +149,37 @@ class SamplingModule(L.LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         strategy = self.trainer.strategy
-        results = self.metrics.compute()  # a collective: every rank calls it
+        metrics = self.metrics.compute()  # a collective: every rank calls it
         count = strategy.reduce(torch.tensor(float(self._count), device=self.device), reduce_op="sum")
         seconds = strategy.reduce(torch.tensor(self._seconds, device=self.device), reduce_op="max")
-        self.finish(
-            results,
-            int(count),
-            float(seconds),
-            gather_objects(self.first_images, self.trainer.world_size),
-            self.trainer.world_size,
-            type(self.trainer.accelerator).__name__,
-            self.trainer.logger,
+        stats = self.run_stats(
+            int(count), float(seconds), self.trainer.world_size, type(self.trainer.accelerator).__name__
         )
+        self.finish(metrics, stats, gather_objects(self.first_images, self.trainer.world_size), self.trainer.logger)
 
     def score_without_sampling(self, logger: Any) -> None:
         """Every sample is already on disk (a resumed run that was killed after its last PNG)."""
         self.metrics.reset_and_load_reference(0)
         self._score_resumed_images()
-        self.finish(self.metrics.compute(), 0, 0.0, [self.first_images], 1, "none", logger)
+        self.finish(self.metrics.compute(), self.run_stats(0, 0.0, 1, "none"), [self.first_images], logger)
 
-    def finish(
-        self,
-        results: dict[str, Any],
-        count: int,
-        seconds: float,
-        grid_parts: list[list],
-        world_size: int,
-        accelerator: str,
-        logger: Any,
-    ) -> None:
-        """Add the run's counts and times, keep the first 64 images, and report on rank 0."""
-        results["sampled"] = count
-        results["sampling_seconds"] = seconds
-        results["seconds_per_step"] = self._seconds / max(1, self._batches * len(self.plan.timesteps))
-        results["devices"] = world_size
-        results["accelerator"] = accelerator
-        self.results = results
+    def run_stats(self, count: int, seconds: float, world_size: int, accelerator: str) -> dict[str, Any]:
+        """What this run sampled, how fast, on what (seconds per step from this rank's timings)."""
+        return {
+            "sampled_this_run": count,
+            "sampling_seconds": seconds,
+            "images_per_second": count / seconds if seconds else None,
+            "seconds_per_step": self._seconds / max(1, self._batches * len(self.plan.timesteps)),
+            "devices": world_size,
+            "accelerator": accelerator,
+        }
+
+    def finish(self, metrics: dict[str, float], stats: dict[str, Any], grid_parts: list[list], logger: Any) -> None:
+        """Keep the metrics and the first 64 images, and report on rank 0."""
+        self.results = metrics
         self.grid = [img for _, img in sorted((p for part in grid_parts for p in part), key=lambda p: p[0])][:64]
         if self.global_rank == 0 and self.report is not None:
-            self.report(results, self.grid, logger)
+            self.report(metrics, stats, self.grid, logger)
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:

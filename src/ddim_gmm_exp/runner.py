@@ -296,22 +296,9 @@ def build_logger(cfg: DictConfig, output_dir: Path, group: str | None) -> Any:
 def make_report(cfg: DictConfig, output_dir: Path, meta: dict[str, Any], started: float):
     """Rank 0's report: results.json, grid.png and the logger's scalars, grid and table."""
 
-    def report(metrics: dict[str, Any], grid: list[torch.Tensor], logger: Any) -> None:
-        seconds = time.time() - started
-        counts = ("sampled", "sampling_seconds", "seconds_per_step", "devices", "accelerator")
-        results = meta | {
-            "metrics": {k: v for k, v in metrics.items() if k not in counts},
-            "num_samples": cfg.data.num_samples,
-            "sampled_this_run": metrics["sampled"],
-            "seconds": seconds,
-            "sampling_seconds": metrics["sampling_seconds"],
-            "seconds_per_step": metrics["seconds_per_step"],
-            "images_per_second": metrics["sampled"] / metrics["sampling_seconds"]
-            if metrics["sampling_seconds"]
-            else None,
-            "devices": metrics["devices"],
-            "accelerator": metrics["accelerator"],
-        }
+    def report(metrics: dict[str, float], stats: dict[str, Any], grid: list[torch.Tensor], logger: Any) -> None:
+        results = meta | {"metrics": metrics, "num_samples": cfg.data.num_samples, "seconds": time.time() - started}
+        results |= stats
         if grid:
             save_png(image_grid(torch.stack(grid)), output_dir / "grid.png")
         if logger:

@@ -93,6 +93,14 @@ def threshold_x0(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0)
     return (torch.clamp(flat, -s, s) / s).reshape(batch, channels, *rest).to(dtype)
 
 
+X0_OPTIONS = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+
+
+def x0_options(config: Any) -> dict[str, Any]:
+    """The x0 clipping / thresholding settings of a diffusers scheduler config, as ddim_step takes them."""
+    return {k: config[k] for k in X0_OPTIONS}
+
+
 def ddim_step(
     model_output: torch.Tensor,
     x_t: torch.Tensor,
