@@ -55,6 +55,39 @@ def test_fid_and_inception_score_from_a_local_weights_file(inception_weights):
     assert 1 - 1e-5 <= float(mean) <= 1008  # IS lies in [1, number of classes]
 
 
+def fed_inception_score(weights_path, images, **kwargs):
+    metric, arguments = inception_score_extra(weights_path, **kwargs)
+    metric.update(*arguments(images, None, None))
+    return metric
+
+
+def test_inception_score_is_reproducible_and_leaves_the_global_rng_alone(inception_weights):
+    """torchmetrics shuffles the features into groups with the global RNG; the shuffle is seeded."""
+    images = random_images(20, 4, size=32)
+    first, second = (fed_inception_score(inception_weights, images, seed=3) for _ in range(2))
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    mean, std = first.compute()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)  # whatever the global RNG holds, the same features give the same score
+    assert torch.equal(torch.stack(second.compute()), torch.stack([mean, std]))
+    # the seed does decide the groups: another seed splits them otherwise
+    other = fed_inception_score(inception_weights, images, seed=4).compute()
+    assert not torch.equal(torch.stack(other), torch.stack([mean, std]))
+
+
+def test_metric_suite_seeds_the_inception_score_with_the_run_seed(inception_weights):
+    images = random_images(20, 4, size=32)
+    suite = MetricSuite(extras={"inception_score": inception_score_extra(inception_weights)}, seed=3)
+    assert suite.extras["inception_score"].seed == 3
+    suite.update(images)
+    torch.manual_seed(5)
+    mean, std = fed_inception_score(inception_weights, images, seed=3).compute()
+    assert suite.compute() == {"inception_score": float(mean), "inception_score_std": float(std)}
+    # without a seed the suite leaves the metric's own
+    assert MetricSuite(extras={"is": inception_score_extra(inception_weights, seed=9)}).extras["is"].seed == 9
+
+
 def test_reference_states_give_the_reference_fid():
     """Loading (mu, sigma) into the states equals FID against the real features themselves."""
     g = torch.Generator().manual_seed(0)

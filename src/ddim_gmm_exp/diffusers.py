@@ -9,7 +9,8 @@
 The subclass keeps diffusers' config, ``step()`` signature and outputs. It differs in two ways:
 the previous timestep is the next entry of ``self.timesteps`` (so every ``timestep_spacing``
 is right; diffusers' own ``step`` assumes a fixed stride, which is wrong for "linspace"), and
-with a GMM and eta > 0 the variance noise is the mixture's ``delta_{i,k} + L_i z``. The GMM's
+with a GMM the step is the mixture's (``x_s = m + delta_{i,k} + sqrt(max(sigma^2 - v_k, 0)) z`` for
+the paper's kernel, which acts at eta = 0 too). The GMM's
 hyperparameters are saved in the scheduler config (``gmm_*`` keys), so a saved scheduler
 rebuilds the same kernel. The step math is :func:`ddim_gmm_exp.sampling.ddim_step`.
 """
@@ -30,10 +31,11 @@ from ddim_gmm_exp.noise import Generators
 from ddim_gmm_exp.sampling import (
     check_eta,
     check_prediction_type,
+    ddim_sigma,
     ddim_step,
     kernel_noise,
     previous_abar,
-    warn_gmm_without_noise,
+    warn_if_gmm_is_inert,
     x0_options,
 )
 
@@ -63,6 +65,7 @@ def _init(self: DDIMScheduler, *args: Any, **kwargs: Any) -> None:
     self._gmm_by_device: dict[torch.device, GMM] = {}
     self._step_index_of: dict[int, int] = {}
     self._warned_eta_zero = False
+    self._step_clipped: dict[int, float | None] = {}
     if gmm_config["gmm_n_components"] is not None:
         hyperparameters_from_config(gmm_config).validate()
 
@@ -110,6 +113,7 @@ class DDIMScheduler(diffusers.DDIMScheduler):
                 f"[1, {self.config.num_train_timesteps}]"
             )
         super().set_timesteps(num_inference_steps, device=device)
+        self._step_clipped = {}
         self._step_index_of = {int(t): i for i, t in reversed(list(enumerate(self.timesteps.tolist())))}
         if self.gmm_params is None and self.config.get("gmm_n_components") is not None:
             hp = hyperparameters_from_config(self.config)
@@ -117,6 +121,15 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             self._gmm_by_device = {self.gmm_params.device: self.gmm_params}
         if self.gmm_params is not None:
             self.gmm_params.check_num_steps(len(self.timesteps))
+
+    @property
+    def clipped_fraction(self) -> float | None:
+        """Of the mixture steps run since set_timesteps, the mean fraction of coordinates whose
+        component variance was clipped at 0 (sigma^2 < v_k); None before any GMM step."""
+        fractions = [f for f in self._step_clipped.values() if f is not None]
+        if not self._step_clipped:
+            return None
+        return sum(fractions) / len(fractions) if fractions else 0.0
 
     def step_index_of(self, timestep: int | torch.Tensor) -> int:
         """Position of ``timestep`` in ``self.timesteps``: the GMM step index i."""
@@ -157,25 +170,27 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         abar_t = self.alphas_cumprod[int(timestep)]
         abar_prev = previous_abar(self.alphas_cumprod, self.timesteps, i, self.final_alpha_cumprod)
         gmm = self._gmm_on(model_output.device)
-        if gmm is not None and eta == 0 and not self._warned_eta_zero:
-            warn_gmm_without_noise()
-            self._warned_eta_zero = True
-        noise = None
-        if eta > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError(
-                    "Cannot pass both generator and variance_noise. Please make sure that either "
-                    "`generator` or `variance_noise` stays `None`."
-                )
-            noise = kernel_noise(
-                model_output.shape,
-                generator,
-                device=model_output.device,
-                dtype=model_output.dtype,
-                gmm=gmm,
-                step_index=i,
-                z=variance_noise,
+        if not self._warned_eta_zero:
+            self._warned_eta_zero = warn_if_gmm_is_inert(gmm, eta)
+        if variance_noise is not None and generator is not None and eta > 0:
+            raise ValueError(
+                "Cannot pass both generator and variance_noise. Please make sure that either "
+                "`generator` or `variance_noise` stays `None`."
             )
+        noise, components = kernel_noise(
+            model_output.shape,
+            generator,
+            device=model_output.device,
+            dtype=model_output.dtype,
+            gmm=gmm,
+            step_index=i,
+            num_steps=len(self.timesteps),
+            eta=eta,
+            z=variance_noise,
+        )
+        if gmm is not None:
+            sigma = ddim_sigma(abar_t, abar_prev, eta)
+            self._step_clipped[i] = gmm.step_clipped_fraction(i, sigma) if gmm.mixes_at(i, len(self.timesteps), eta) else None
         prev_sample, x0 = ddim_step(
             model_output,
             sample,
@@ -183,6 +198,9 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             abar_prev,
             eta,
             noise,
+            gmm=gmm,
+            step_index=i,
+            components=components,
             prediction_type=self.config.prediction_type,
             use_clipped_model_output=use_clipped_model_output,
             **x0_options(self.config),

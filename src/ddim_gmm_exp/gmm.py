@@ -1,27 +1,32 @@
-"""The moment-matched Gaussian-mixture reverse kernel of DDIM-GMM.
+"""The Gaussian-mixture reverse kernels of DDIM-GMM and RFIM-GMM.
 
 Gabbur, "Improved DDIM Sampling with Moment Matching Gaussian Mixtures", TMLR 2026
 (arXiv 2311.04938). An independent implementation of ../shared/METHOD.md (docs/method.md).
 
-A DDIM-GMM step draws ``x_s = m + sigma * (delta_{i,k} + L_i z)`` with ``k ~ Categorical(pi_i)``
-and ``z ~ N(0, I_D)``. This module builds, for every sampling step i, the priors pi_i, the
-offsets delta_{i,k} and the component covariance L_i L_i^T, and draws the unit-variance kernel
-noise ``delta_{i,k} + L_i z``.
+A mixture step draws k ~ Categorical(pi_i) and z ~ N(0, I_D) and adds to the DDIM (or RFIM)
+mean m one of two perturbations, by ``construction``:
+
+- ``"paper"`` (default; eqs. 7, 9-12, 34): ``x_s = m + delta_{i,k} + sqrt(max(sigma^2 - v_{i,k}, 0)) z``
+  with ABSOLUTE offsets delta of norm about ``scale``; at eta = 0 the step is m + delta_k.
+- ``"matched_diagonal"`` / ``"matched_full"`` (our extension): ``x_s = m + sigma (delta_{i,k} + L_i z)``
+  with offsets in units of sigma and the per-coordinate variance (or whole covariance) exactly 1.
 
 Notation (code -> METHOD.md):
-    priors          pi_i            (K,)    mixture weights, sum to 1
-    offsets         delta_{i,k}     (K, D)  component offsets in units of sigma (``diagonal``)
-    component_std   diag(L_i)       (D,)    per-coordinate component std (``diagonal``)
-    basis           U_i             (D, r)  orthonormal basis of the offsets (``full``)
-    offset_coords   U_i^T delta_k   (K, r)  offsets in that basis (``full``)
-    std_correction  sqrt(1-c) - 1   (r,)    L_i z = z + U_i (std_correction * U_i^T z) (``full``)
-    offset_var      C = U S'^2 U^T          weighted covariance of the offsets, sum_k pi_k d_k d_k^T
+    priors            pi_i            (K,)    mixture weights, sum to 1
+    offsets           delta_{i,k}     (K, D)  component offsets (paper; matched_diagonal in units of sigma)
+    variance_base     w_i             (D,)    v_{i,k} = variance_factor_k * w_i (paper)
+    variance_factor   1 / (K pi_k)    (K,)    (paper; eq. 11 and eq. 34 both have this form)
+    component_std     diag(L_i)       (D,)    per-coordinate component std (matched_diagonal)
+    basis             U_i             (D, r)  orthonormal basis of the offsets (matched_full)
+    offset_coords     U_i^T delta_k   (K, r)  offsets in that basis (matched_full)
+    std_correction    sqrt(1-c) - 1   (r,)    L_i z = z + U_i (std_correction * U_i^T z) (matched_full)
 Step index i counts sampling steps in the order they run: 0 is the first (noisiest) step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,10 +35,10 @@ import torch
 
 from ddim_gmm_exp.noise import Generators, rand
 
-MOMENTS = ("diagonal", "full")
+CONSTRUCTIONS = ("paper", "matched_diagonal", "matched_full")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Variances that exceed 1 by less than this are rounding, not clipping.
+# Variances that exceed 1 by less than this are rounding, not clipping (matched constructions).
 _CLIP_TOLERANCE = 1e-9
 # Singular values below this fraction of the largest are the null direction sqrt(pi).
 _RANK_TOLERANCE = 1e-10
@@ -51,8 +56,9 @@ class GMMHyperparameters:
     orthonormal: bool = True
     upper_bound_vars: bool = True
     seed: int = 0
-    moments: str = "diagonal"
+    construction: str = "paper"
     share_across_steps: bool = False
+    last_step: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value and what is allowed."""
@@ -60,11 +66,23 @@ class GMMHyperparameters:
         _require_int("n_components", self.n_components, minimum=1)
         _require_int("n_steps", self.n_steps, minimum=1)
         _require_int("seed", self.seed, minimum=0)
-        if not isinstance(self.scale, int | float) or not 0.0 <= float(self.scale) <= 1.0:
-            raise ValueError(f"scale={self.scale!r} is not allowed: it must be a number in [0, 1]")
-        if self.moments not in MOMENTS:
-            raise ValueError(f"moments={self.moments!r} is not allowed: choose one of {MOMENTS}")
-        for flag in ("uniform_priors", "orthonormal", "upper_bound_vars", "share_across_steps"):
+        if self.construction not in CONSTRUCTIONS:
+            raise ValueError(f"construction={self.construction!r} is not allowed: choose one of {CONSTRUCTIONS}")
+        is_number = isinstance(self.scale, int | float) and not isinstance(self.scale, bool)
+        if self.construction == "paper":
+            if not is_number or not (0.0 <= float(self.scale) < math.inf):
+                raise ValueError(f"scale={self.scale!r} is not allowed: it must be a finite number >= 0")
+            if self.n_components > self.dim:
+                raise ValueError(
+                    f"n_components={self.n_components} is not allowed for dim={self.dim}: "
+                    "the paper's construction needs n_components <= dim"
+                )
+        elif not is_number or not 0.0 <= float(self.scale) <= 1.0:
+            raise ValueError(
+                f"scale={self.scale!r} is not allowed with construction={self.construction!r}: "
+                "it must be a number in [0, 1] (any scale >= 0 needs construction='paper')"
+            )
+        for flag in ("uniform_priors", "orthonormal", "upper_bound_vars", "share_across_steps", "last_step"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} is not allowed: it must be True or False")
 
@@ -110,9 +128,80 @@ def draw_priors(n_components: int, uniform: bool, generator: torch.Generator) ->
     return exp_draws / exp_draws.sum()
 
 
+def raw_offsets(dim: int, n_components: int, generator: torch.Generator) -> torch.Tensor:
+    """O (D x K) with N(0, 1) entries (METHOD.md step 2)."""
+    return torch.randn(dim, n_components, generator=generator, dtype=torch.float64)
+
+
+def rand_offsets(raw: torch.Tensor, priors: torch.Tensor, scale: float) -> torch.Tensor:
+    """RAND (eq. 9): C = O - (O pi) 1^T, delta_k = s C_k / ||C_k||; (K, D), every norm exactly s."""
+    centred = raw - (raw @ priors)[:, None]
+    norms = centred.norm(dim=0)
+    # K = 1 centres its one column to 0: no direction, no offset (the kernel is DDIM's)
+    unit = torch.where(norms > 0, centred / norms.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return scale * unit.T
+
+
+def ortho_offsets(raw: torch.Tensor, priors: torch.Tensor, scale: float) -> torch.Tensor:
+    """ORTHO (eq. 10): U = the K left singular vectors of O, delta_k = s (U_k - U pi); (K, D).
+
+    The pi-weighted mean is exactly 0 and ||delta_k||^2 = s^2 (1 - 2 pi_k + sum_l pi_l^2).
+    """
+    q, r = torch.linalg.qr(raw)  # thin SVD of the tall O through its QR: O(D K^2)
+    u_small, _, _ = torch.linalg.svd(r)
+    basis = q @ u_small
+    return scale * (basis - (basis @ priors)[:, None]).T
+
+
+def diagonal_variance_offsets(offsets: torch.Tensor, priors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 11: v_k = (1 / (K pi_k)) sum_l pi_l delta_l^2, as (w, factor) with v_k = factor_k w."""
+    weighted_square = priors @ offsets**2  # w = sum_l pi_l delta_l^2, (D,)
+    return weighted_square, 1.0 / (priors.numel() * priors)
+
+
+def upper_bound_variance_offsets(dim: int, priors: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """VUB (eqs. 12, 34): v_k is 0 except on the first K coordinates, which get the eigenvalue
+    upper bounds (s^2 / (K pi_k)) pi_(j), pi_(j) the priors in ascending order; as (w, factor)."""
+    base = torch.zeros(dim, dtype=torch.float64)
+    base[: priors.numel()] = scale**2 * torch.sort(priors).values
+    return base, 1.0 / (priors.numel() * priors)
+
+
+@dataclass
+class PaperStepKernel:
+    """One step of the paper's kernel, in float64 on the CPU."""
+
+    priors: torch.Tensor  # (K,)
+    offsets: torch.Tensor  # (K, D) absolute offsets delta_k
+    variance_base: torch.Tensor  # (D,) w
+    variance_factor: torch.Tensor  # (K,) v_k = factor_k * w
+
+    @property
+    def variance_offsets(self) -> torch.Tensor:
+        """v (K, D), the diagonal of Delta_k."""
+        return self.variance_factor[:, None] * self.variance_base[None, :]
+
+
+def build_paper_step(hp: GMMHyperparameters, step_index: int) -> PaperStepKernel:
+    """Priors, offsets and variance offsets of step i, as METHOD.md's paper construction says."""
+    generator = step_generator(hp.seed, step_index)
+    priors = draw_priors(hp.n_components, hp.uniform_priors, generator)
+    raw = raw_offsets(hp.dim, hp.n_components, generator)
+    scale = float(hp.scale)
+    offsets = ortho_offsets(raw, priors, scale) if hp.orthonormal else rand_offsets(raw, priors, scale)
+    if hp.upper_bound_vars:
+        base, factor = upper_bound_variance_offsets(hp.dim, priors, scale)
+    else:
+        base, factor = diagonal_variance_offsets(offsets, priors)
+    return PaperStepKernel(priors, offsets, base, factor)
+
+
+# ------------------------------------------------------------ matched constructions (our extension)
+
+
 def centred_offsets(dim: int, priors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """G (D x K) with N(0, 1) entries, centred so that G pi = 0 (METHOD.md steps 2-3)."""
-    raw = torch.randn(dim, priors.numel(), generator=generator, dtype=torch.float64)
+    raw = raw_offsets(dim, priors.numel(), generator)
     return raw - (raw @ priors)[:, None]
 
 
@@ -147,14 +236,14 @@ def offset_scale_factor(direction_var: torch.Tensor, coordinate_var: torch.Tenso
     """
     if direction_var.numel() == 0 or hp.scale == 0:
         return 0.0
-    variances = direction_var if hp.moments == "full" else coordinate_var
+    variances = direction_var if hp.construction == "matched_full" else coordinate_var
     reference = variances.max() if hp.upper_bound_vars else variances.mean()
     return float(hp.scale / reference.sqrt())
 
 
 @dataclass
-class StepKernel:
-    """The kernel parameters of one step, in float64 on the CPU."""
+class MatchedStepKernel:
+    """One step of a matched construction, in float64 on the CPU."""
 
     priors: torch.Tensor  # (K,)
     basis: torch.Tensor  # (D, r)
@@ -169,8 +258,9 @@ class StepKernel:
         return self.offset_coords @ self.basis.T
 
 
-def build_step_kernel(hp: GMMHyperparameters, step_index: int) -> StepKernel:
-    """Priors, offsets and component covariance of step i, as METHOD.md steps 1-7 say."""
+def build_matched_step(hp: GMMHyperparameters, step_index: int) -> MatchedStepKernel:
+    """Priors, offsets (units of sigma) and component covariance of step i, exactly matched:
+    centred Gaussian offsets, weighted SVD, one scale factor (docs/method.md)."""
     generator = step_generator(hp.seed, step_index)
     priors = draw_priors(hp.n_components, hp.uniform_priors, generator)
     centred = centred_offsets(hp.dim, priors, generator)
@@ -181,16 +271,16 @@ def build_step_kernel(hp: GMMHyperparameters, step_index: int) -> StepKernel:
     coords = coords * factor
     eigvals = direction_var * factor**2
     offset_var = coordinate_var * factor**2
-    if hp.moments == "full":
+    if hp.construction == "matched_full":
         clipped = eigvals > 1 + _CLIP_TOLERANCE
         clipped_fraction = float(clipped.double().mean()) if eigvals.numel() else 0.0
     else:
         clipped_fraction = float((offset_var > 1 + _CLIP_TOLERANCE).double().mean())
-    return StepKernel(priors, basis, coords, eigvals, offset_var, clipped_fraction)
+    return MatchedStepKernel(priors, basis, coords, eigvals, offset_var, clipped_fraction)
 
 
 class GMM:
-    """Per-step parameters of the moment-matched mixture kernel, on one device.
+    """Per-step parameters of the Gaussian-mixture kernel, on one device.
 
     ``GMM(gpu=0)`` or ``GMM(device="cuda")`` (CPU by default), then :meth:`initialize`. The
     parameters are built on a CPU generator in float64, so the kernel is the same on every
@@ -206,8 +296,8 @@ class GMM:
         self.device = resolve_device(gpu, device)
         self.dtype = _check_dtype(dtype)
         self.hparams: GMMHyperparameters | None = None
-        self.clipped_fraction = 0.0
         self._tensors: dict[str, torch.Tensor] = {}
+        self._matched_clipped: list[float] = []
 
     def initialize(
         self,
@@ -219,11 +309,12 @@ class GMM:
         orthonormal: bool = True,
         upper_bound_vars: bool = True,
         seed: int = 0,
-        moments: str = "diagonal",
+        construction: str = "paper",
         share_across_steps: bool = False,
+        last_step: bool = False,
         dtype: torch.dtype | None = None,
     ) -> GMM:
-        """Build every step's priors, offsets and component covariance (METHOD.md)."""
+        """Build every step's priors, offsets and component variances (METHOD.md)."""
         hp = GMMHyperparameters(
             dim=dim,
             n_components=n_components,
@@ -233,8 +324,9 @@ class GMM:
             orthonormal=orthonormal,
             upper_bound_vars=upper_bound_vars,
             seed=seed,
-            moments=moments,
+            construction=construction,
             share_across_steps=share_across_steps,
+            last_step=last_step,
         )
         hp.validate()
         if dtype is not None:
@@ -242,13 +334,14 @@ class GMM:
         self.hparams = hp
         n_stored = 1 if share_across_steps else n_steps
         self._tensors = self._allocate(hp, n_stored)
-        clipped = []
+        self._matched_clipped = []
         for i in range(n_stored):  # one step at a time: float64 work memory is one step's
-            kernel = build_step_kernel(hp, i)
-            self._store(i, kernel)
-            clipped.append(kernel.clipped_fraction)
-        self.step_clipped_fractions = clipped
-        self.clipped_fraction = float(np.mean(clipped))
+            if hp.construction == "paper":
+                self._store_paper(i, build_paper_step(hp, i))
+            else:
+                kernel = build_matched_step(hp, i)
+                self._store_matched(i, kernel)
+                self._matched_clipped.append(kernel.clipped_fraction)
         return self
 
     def _allocate(self, hp: GMMHyperparameters, n_stored: int) -> dict[str, torch.Tensor]:
@@ -256,7 +349,13 @@ class GMM:
         k, d = hp.n_components, hp.dim
         # cumulative priors stay float64: the categorical draw compares them with float64 uniforms
         shapes = {"priors": ((n_stored, k), self.dtype), "cum_priors": ((n_stored, k), torch.float64)}
-        if hp.moments == "diagonal":
+        if hp.construction == "paper":
+            shapes |= {
+                "offsets": ((n_stored, k, d), self.dtype),
+                "variance_base": ((n_stored, d), self.dtype),
+                "variance_factor": ((n_stored, k), self.dtype),
+            }
+        elif hp.construction == "matched_diagonal":
             shapes |= {"offsets": ((n_stored, k, d), self.dtype), "component_std": ((n_stored, d), self.dtype)}
         else:
             rank = min(k - 1, d)  # padded with zero columns where a step's rank is lower
@@ -267,12 +366,20 @@ class GMM:
             }
         return {name: torch.zeros(shape, dtype=dtype, device=self.device) for name, (shape, dtype) in shapes.items()}
 
-    def _store(self, i: int, kernel: StepKernel) -> None:
-        """Write step i's parameters into the storage."""
+    def _store_priors(self, i: int, priors: torch.Tensor) -> None:
+        self._tensors["priors"][i] = priors
+        self._tensors["cum_priors"][i] = priors.cumsum(-1)
+
+    def _store_paper(self, i: int, kernel: PaperStepKernel) -> None:
+        self._store_priors(i, kernel.priors)
+        self._tensors["offsets"][i] = kernel.offsets
+        self._tensors["variance_base"][i] = kernel.variance_base
+        self._tensors["variance_factor"][i] = kernel.variance_factor
+
+    def _store_matched(self, i: int, kernel: MatchedStepKernel) -> None:
         store = self._tensors
-        store["priors"][i] = kernel.priors
-        store["cum_priors"][i] = kernel.priors.cumsum(-1)
-        if self.hparams.moments == "diagonal":
+        self._store_priors(i, kernel.priors)
+        if self.hparams.construction == "matched_diagonal":
             store["offsets"][i] = kernel.offsets
             store["component_std"][i] = (1 - kernel.offset_var).clamp_min(0).sqrt()
         else:
@@ -294,9 +401,26 @@ class GMM:
 
     @property
     def is_trivial(self) -> bool:
-        """K = 1 or scale = 0: delta = 0 and L = I, so the kernel is DDIM's Gaussian exactly."""
+        """K = 1 or scale = 0: delta = 0 and v = 0, so the kernel is DDIM's Gaussian exactly."""
         hp = self._require_initialized()
         return hp.n_components == 1 or hp.scale == 0
+
+    @property
+    def acts_without_noise(self) -> bool:
+        """Whether the mixture changes an eta = 0 step: yes for the paper's kernel (m + delta_k),
+        no for the matched constructions (their offsets are in units of sigma = 0)."""
+        return self._require_initialized().construction == "paper"
+
+    def mixes_at(self, step_index: int, num_steps: int, eta: float) -> bool:
+        """Whether step i of num_steps draws from the mixture (else it is DDIM's Gaussian step).
+
+        Not for a trivial kernel; not on the last step (the one that returns the sample) unless
+        ``last_step``; not at eta = 0 for a matched construction.
+        """
+        hp = self._require_initialized()
+        if self.is_trivial or (step_index == num_steps - 1 and not hp.last_step):
+            return False
+        return eta > 0 or self.acts_without_noise
 
     @property
     def memory_bytes(self) -> int:
@@ -304,10 +428,43 @@ class GMM:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
     def step_parameters(self, step_index: int) -> dict[str, torch.Tensor]:
-        """The stored parameters of step i (priors, and offsets + component_std or basis +
-        offset_coords + std_correction), as views on the device."""
+        """The stored parameters of step i, as views on the device: priors, cum_priors, and
+        offsets + variance_base + variance_factor (paper), offsets + component_std
+        (matched_diagonal) or basis + offset_coords + std_correction (matched_full)."""
         i = self._stored_index(step_index)
         return {name: t[i] for name, t in self._tensors.items()}
+
+    def offsets(self, step_index: int) -> torch.Tensor:
+        """delta_{i,k} (K, D): absolute (paper) or in units of sigma (matched)."""
+        params = self.step_parameters(step_index)
+        if "offsets" in params:
+            return params["offsets"]
+        return params["offset_coords"] @ params["basis"].T
+
+    def step_clipped_fraction(self, step_index: int, sigma: float) -> float:
+        """Of step i's coordinates, the pi-weighted fraction whose component variance is clipped.
+
+        Paper: entries with sigma^2 < v_k[d], weighted by pi_k (with uniform priors, the plain
+        fraction of (component, coordinate) entries; every v_k is the same then). Matched: the
+        fraction of directions whose offset variance exceeds 1 (independent of sigma).
+        """
+        hp = self._require_initialized()
+        if self.is_trivial:
+            return 0.0
+        if hp.construction != "paper":
+            return self._matched_clipped[self._stored_index(step_index)]
+        params = {k: v.double() for k, v in self.step_parameters(step_index).items()}
+        variances = params["variance_factor"][:, None] * params["variance_base"][None, :]
+        clipped = (variances > float(sigma) ** 2).double().mean(dim=1)  # (K,)
+        return float(params["priors"] @ clipped)
+
+    def clipped_fraction(self, sigmas: Sequence[float], eta: float) -> float:
+        """The clipped fraction over the (step, coordinate) entries of the steps that mix
+        (paper A.5); sigmas[i] is step i's sigma, for every step of the run. 0 when none mixes."""
+        steps = [i for i in range(len(sigmas)) if self.mixes_at(i, len(sigmas), eta)]
+        if not steps:
+            return 0.0
+        return float(np.mean([self.step_clipped_fraction(i, sigmas[i]) for i in steps]))
 
     def check_num_steps(self, num_steps: int) -> None:
         """Raise unless the kernel has a step for each of ``num_steps`` sampling steps."""
@@ -351,31 +508,39 @@ class GMM:
     # ----------------------------------------------------------------------------- draws
 
     def draw_components(self, step_index: int, batch_size: int, generator: Generators = None) -> torch.Tensor:
-        """k ~ Categorical(pi_i) for each sample: one uniform from its generator, inverted."""
+        """k ~ Categorical(pi_i) for each sample: one uniform from its generator, inverted.
+
+        The uniforms are drawn where the generator lives (the CPU for CPU generators), so a CUDA
+        generator works with a CPU kernel and the other way round.
+        """
         i = self._stored_index(step_index)
         uniforms = rand(batch_size, generator, device=self.device)
         cum = self._tensors["cum_priors"][i]
         return torch.searchsorted(cum, uniforms, right=True).clamp_max(cum.numel() - 1)
 
-    def unit_noise(self, step_index: int, z: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-        """delta_{i,k} + L_i z for a batch: z (B, ...) standard normal, components (B,) indices.
+    def perturbation(self, step_index: int, sigma: float, z: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+        """x_s - m of a mixture step, for a batch: z (B, ...) standard normal, components (B,).
 
-        Its mean over k and z is 0 and its covariance I (full) or unit diagonal (diagonal).
+        paper:   delta_{i,k} + sqrt(max(sigma^2 - v_{i,k}, 0)) z   (eq. 7 with eq. 11 or 34)
+        matched: sigma (delta_{i,k} + L_i z)
+        Computed in the kernel's dtype on its device; returned in z's dtype on z's device.
         """
         hp = self._require_initialized()
         self.check_shape(tuple(z.shape))
-        if self.is_trivial:
-            return z
         params = self.step_parameters(step_index)
         flat = z.reshape(z.shape[0], hp.dim).to(self.device, self.dtype)
         components = components.to(self.device)
-        if hp.moments == "diagonal":
-            noise = params["offsets"][components] + params["component_std"] * flat
+        sigma = float(sigma)
+        if hp.construction == "paper":
+            variance = params["variance_factor"][components, None] * params["variance_base"]
+            out = params["offsets"][components] + (sigma**2 - variance).clamp_min(0).sqrt() * flat
+        elif hp.construction == "matched_diagonal":
+            out = sigma * (params["offsets"][components] + params["component_std"] * flat)
         else:
             basis = params["basis"]
             coords = params["offset_coords"][components] + params["std_correction"] * (flat @ basis)
-            noise = flat + coords @ basis.T
-        return noise.reshape(z.shape).to(z.device, z.dtype)
+            out = sigma * (flat + coords @ basis.T)
+        return out.reshape(z.shape).to(z.device, z.dtype)
 
     def __repr__(self) -> str:
         if self.hparams is None:

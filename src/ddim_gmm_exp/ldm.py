@@ -22,8 +22,9 @@ from ddim_gmm_exp.sampling import (
     check_eta,
     classifier_free_guidance,
     ddim_sigma,
+    ddim_sigmas,
     sample_ddim,
-    warn_gmm_without_noise,
+    warn_if_gmm_is_inert,
 )
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class DDIMSampler:
         self.gmm = gmm
         self.gmm_params = gmm_params if gmm else None
         self._warned_eta_zero = False
+        # of the last sample() call: the fraction of (step, coordinate) variances clipped at 0
+        self.clipped_fraction: float | None = None
         parameterization = getattr(model, "parameterization", "eps")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(
@@ -172,10 +175,9 @@ class DDIMSampler:
             )
         self.make_schedule(ddim_num_steps=num_steps, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
         full_shape = (batch_size, *shape)
-        if self.gmm_params is not None:  # its shape and step count are checked by sample_ddim
-            if eta == 0 and not self._warned_eta_zero:
-                warn_gmm_without_noise(stacklevel=4)  # past sample() and torch's no_grad wrapper
-                self._warned_eta_zero = True
+        # the GMM's shape and step count are checked by sample_ddim
+        if not self._warned_eta_zero:  # past sample() and torch's no_grad wrapper
+            self._warned_eta_zero = warn_if_gmm_is_inert(self.gmm_params, eta, stacklevel=4)
         device = _model_device(self.model)
         x = x_T if x_T is not None else randn(full_shape, generator, device=device)
         timesteps = np.flip(self.ddim_timesteps).tolist()
@@ -197,6 +199,9 @@ class DDIMSampler:
                 intermediates["pred_x0"].append(x0)
 
         alphas_cumprod = self.alphas_cumprod
+        if self.gmm_params is not None:
+            sigmas = ddim_sigmas(alphas_cumprod, timesteps, alphas_cumprod[0], eta)
+            self.clipped_fraction = self.gmm_params.clipped_fraction(sigmas, eta)
         samples = sample_ddim(
             denoise,
             x,

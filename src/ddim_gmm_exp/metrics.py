@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
 
 from ddim_gmm_exp.errors import ConfigError
 
@@ -184,7 +185,8 @@ class MetricSuite(torch.nn.Module):
     """The run's metrics: FID against fixed reference statistics, plus optional extras.
 
     ``extras`` maps a name to a torchmetrics Metric and a function (images, labels, prompts) ->
-    arguments of its update().
+    arguments of its update(). ``seed`` (the run's seed), when given, replaces the seed of every
+    SeededInceptionScore among them, so that the same run gives the same Inception Score.
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class MetricSuite(torch.nn.Module):
         reference: tuple[np.ndarray, np.ndarray] | None = None,
         fid_name: str = "fid",
         extras: dict[str, tuple[Metric, Callable[..., tuple]]] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.fid = fid
@@ -200,6 +203,10 @@ class MetricSuite(torch.nn.Module):
         self.reference = reference
         self.extras = torch.nn.ModuleDict({name: m for name, (m, _) in (extras or {}).items()})
         self._extra_args = {name: f for name, (_, f) in (extras or {}).items()}
+        if seed is not None:  # the run's seed decides the Inception Score's shuffle into groups
+            for metric in self.extras.values():
+                if isinstance(metric, SeededInceptionScore):
+                    metric.seed = int(seed)
 
     def reset_and_load_reference(self, global_rank: int) -> None:
         """Reset every metric; global rank 0 alone holds the reference (states sum over ranks)."""
@@ -308,15 +315,38 @@ def clip_score_extra(model: str = "openai/clip-vit-base-patch16", adapter: Any =
     return CLIPScore(model_name_or_path=clip_loader(model)), arguments
 
 
-def inception_score_extra(weights_path: str | None = None, adapter: Any = None) -> tuple[Metric, Callable]:
-    """A ``metrics.extra`` entry: torchmetrics InceptionScore from a local Inception weights file."""
+class SeededInceptionScore(InceptionScore):
+    """torchmetrics InceptionScore whose shuffle before the split into groups is seeded.
+
+    InceptionScore.compute permutes the features with the global RNG (torch.randperm), so the
+    score depended on whatever had drawn from it before, and compute() advanced it. Here the
+    permutation is drawn from ``seed`` inside a forked CPU RNG: the same features give the same
+    score, on every rank, and the global RNG state is left as it was.
+    """
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = int(seed)
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch.randperm without a device or generator draws from the CPU default generator; only
+        # that one is forked and seeded (torch.manual_seed would also reseed every CUDA device)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.seed)
+            return super().compute()
+
+
+def inception_score_extra(
+    weights_path: str | None = None, adapter: Any = None, seed: int = 0
+) -> tuple[Metric, Callable]:
+    """A ``metrics.extra`` entry: Inception Score (SeededInceptionScore) from a local Inception
+    weights file; ``seed`` seeds the shuffle into groups (MetricSuite's seed replaces it)."""
     from torchmetrics.image.fid import NoTrainInceptionV3
-    from torchmetrics.image.inception import InceptionScore
 
     logits = NoTrainInceptionV3(
         name="inception-v3-compat",
         features_list=["logits_unbiased"],
         feature_extractor_weights_path=inception_weights_path(weights_path),
     )
-    metric = InceptionScore(feature=logits)
+    metric = SeededInceptionScore(feature=logits, seed=seed)
     return metric, lambda images, labels, prompts: (images,)

@@ -44,11 +44,10 @@ def _single(generator: Generators) -> torch.Generator | None:
 
 
 def _draw_device(generator: Generators, device: torch.device) -> torch.device:
-    """Where to draw: a CPU generator draws on the CPU (then moves), as diffusers does."""
+    """Where to draw: on the generator's own device (a generator draws nowhere else), then move;
+    without a generator, on the target device. For CPU generators this is diffusers' rule."""
     first = _single(generator)
-    if first is not None and first.device.type == "cpu":
-        return torch.device("cpu")
-    return device
+    return first.device if first is not None else device
 
 
 def randn(

@@ -39,7 +39,7 @@ from ddim_gmm_exp.metrics import (
 )
 from ddim_gmm_exp.models.base import ModelAdapter
 from ddim_gmm_exp.module import ImagesPerSecondBar, SamplingModule, SamplingPlan
-from ddim_gmm_exp.sampling import PREDICTION_TYPES, warn_gmm_without_noise
+from ddim_gmm_exp.sampling import PREDICTION_TYPES, ddim_sigmas, warn_if_gmm_is_inert
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +104,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def gmm_hyperparameters(cfg: DictConfig, dim: int) -> GMMHyperparameters:
-    g = cfg.gmm
-    return GMMHyperparameters(
-        dim=dim,
-        n_components=g.n_components,
-        n_steps=cfg.sampler.steps,
-        scale=g.scale,
-        uniform_priors=g.uniform_priors,
-        orthonormal=g.orthonormal,
-        upper_bound_vars=g.upper_bound_vars,
-        seed=g.seed,
-        moments=g.moments,
-        share_across_steps=g.share_across_steps,
-    )
+    return GMMHyperparameters(dim=dim, n_steps=cfg.sampler.steps, **OmegaConf.to_container(cfg.gmm, resolve=True))
 
 
 # ----------------------------------------------------------------------------------- builders
@@ -166,10 +154,7 @@ def build_gmm(cfg: DictConfig, adapter: ModelAdapter) -> GMM | None:
     hp = gmm_hyperparameters(cfg, adapter.dim)
     gmm = GMM().initialize(**vars(hp))
     log.info("GMM kernel: %s", gmm)
-    if gmm.clipped_fraction > 0:
-        log.warning("GMM: %.2f%% of offset directions have variance > 1 and were clipped", 100 * gmm.clipped_fraction)
-    if cfg.sampler.eta == 0:
-        warn_gmm_without_noise(stacklevel=2)
+    warn_if_gmm_is_inert(gmm, cfg.sampler.eta, stacklevel=2)
     return gmm
 
 
@@ -345,7 +330,15 @@ def sweep_group() -> str | None:
     return f"{hydra_cfg.job.name}-{Path(hydra_cfg.sweep.dir).name}"
 
 
-def run_metadata(cfg: DictConfig, conditional: bool, gmm: GMM | None) -> dict[str, Any]:
+def gmm_clipping(gmm: GMM | None, plan: SamplingPlan) -> float | None:
+    """The fraction of (step, coordinate) component variances clipped at 0 in this run (paper A.5)."""
+    if gmm is None:
+        return None
+    sigmas = ddim_sigmas(plan.alphas_cumprod, plan.timesteps, plan.final_abar, plan.eta)
+    return gmm.clipped_fraction(sigmas, plan.eta)
+
+
+def run_metadata(cfg: DictConfig, conditional: bool, gmm: GMM | None, plan: SamplingPlan) -> dict[str, Any]:
     overrides: list[str] = []
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -362,9 +355,12 @@ def run_metadata(cfg: DictConfig, conditional: bool, gmm: GMM | None) -> dict[st
         "guidance_scale": cfg.sampler.guidance_scale,
         "conditional": conditional,
         "n_components": cfg.gmm.n_components if cfg.sampler.use_gmm else None,
-        "moments": cfg.gmm.moments if cfg.sampler.use_gmm else None,
+        "construction": cfg.gmm.construction if cfg.sampler.use_gmm else None,
+        "orthonormal": cfg.gmm.orthonormal if cfg.sampler.use_gmm else None,
+        "upper_bound_vars": cfg.gmm.upper_bound_vars if cfg.sampler.use_gmm else None,
+        "share_across_steps": cfg.gmm.share_across_steps if cfg.sampler.use_gmm else None,
         "gmm_scale": cfg.gmm.scale if cfg.sampler.use_gmm else None,
-        "gmm_clipped_fraction": gmm.clipped_fraction if gmm is not None else None,
+        "gmm_clipped_fraction": gmm_clipping(gmm, plan),
         "gmm_memory_bytes": gmm.memory_bytes if gmm is not None else None,
         "seed": cfg.data.seed,
     }
@@ -432,7 +428,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.sampler.name,
         cfg.sampler.steps,
     )
-    meta = run_metadata(cfg, conditional=labels is not None or prompts is not None, gmm=gmm)
+    meta = run_metadata(cfg, conditional=labels is not None or prompts is not None, gmm=gmm, plan=plan)
     module = SamplingModule(adapter, plan, metrics, report=make_report(cfg, output_dir, meta, started))
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),

@@ -3,13 +3,14 @@
 This is the only copy of the step math: the LDM sampler (ldm.py), the diffusers scheduler
 (diffusers.py) and the experiment runner all call it.
 
-Notation (code -> paper; Song et al. 2021 eq. 12 and 16, Gabbur 2026):
+Notation (code -> paper; Song et al. 2021 eq. 12 and 16, Gabbur 2026 eq. 7):
     abar_t, abar_prev   alpha-bar at t = tau_i and at s = tau_{i-1} (final_abar after tau_1)
     x0_hat, eps_hat     predicted clean sample and noise
     sigma               eta * sqrt((1 - abar_s)/(1 - abar_t)) * sqrt(1 - abar_t/abar_s)
     mean                m = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat
-    noise               z (DDIM) or delta_{i,k} + L_i z (DDIM-GMM), unit variance
-    x_prev              x_s = m + sigma * noise
+    noise, components   z ~ N(0, I_D) and, on a mixture step, k ~ Categorical(pi_i)
+    x_prev              DDIM: x_s = m + sigma z
+                        DDIM-GMM (paper): x_s = m + delta_{i,k} + sqrt(max(sigma^2 - v_{i,k}, 0)) z
 Step index i counts sampling steps in the order they run (0 = first, noisiest).
 """
 
@@ -109,6 +110,9 @@ def ddim_step(
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
     *,
+    gmm: GMM | None = None,
+    step_index: int = 0,
+    components: torch.Tensor | None = None,
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
     clip_sample_range: float = 1.0,
@@ -117,11 +121,13 @@ def ddim_step(
     sample_max_value: float = 1.0,
     use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_s (Song et al. 2021 eq. 12); returns (x_s, x0_hat).
+    """One DDIM or DDIM-GMM step x_t -> x_s (Song et al. 2021 eq. 12, Gabbur 2026 eq. 7);
+    returns (x_s, x0_hat).
 
-    ``noise`` is the kernel's unit-variance noise: z for DDIM, delta_{i,k} + L_i z for DDIM-GMM
-    (see :func:`kernel_noise`). It is needed when eta > 0 and ignored when eta = 0.
-    Clipping and thresholding of x0_hat follow diffusers' DDIMScheduler.step.
+    ``noise`` is z and ``components`` the mixture indices k, both from :func:`kernel_noise`.
+    With ``components`` (a mixture step) x_s = m + gmm.perturbation(i, sigma, z, k); without,
+    x_s = m + sigma z, or m when eta = 0. Clipping and thresholding of x0_hat follow diffusers'
+    DDIMScheduler.step.
     """
     x0, eps = x0_and_eps(model_output, x_t, abar_t, prediction_type)
     if thresholding:
@@ -132,11 +138,29 @@ def ddim_step(
     if use_clipped_model_output:
         eps = eps_from_x0(x_t, x0, abar_t)
     x_prev = ddim_mean(x0, eps, abar_prev, sigma)
+    perturbation = kernel_perturbation(sigma, eta, noise, gmm, step_index, components)
+    return (x_prev if perturbation is None else x_prev + perturbation), x0
+
+
+def kernel_perturbation(
+    sigma: torch.Tensor | float,
+    eta: float,
+    noise: torch.Tensor | None,
+    gmm: GMM | None,
+    step_index: int,
+    components: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """x_s - m: the mixture's delta_k + sqrt(max(sigma^2 - v_k, 0)) z on a mixture step, else
+    DDIM's sigma z (None when eta = 0: nothing is added). One function for every sampler family."""
+    if components is not None:
+        if gmm is None or noise is None:
+            raise ValueError("a mixture step needs the gmm and its noise z: draw them with kernel_noise()")
+        return gmm.perturbation(step_index, float(sigma), noise, components)
     if eta > 0:
         if noise is None:
-            raise ValueError("ddim_step with eta > 0 needs noise: draw it with kernel_noise()")
-        x_prev = x_prev + sigma * noise
-    return x_prev, x0
+            raise ValueError("a step with eta > 0 needs noise: draw it with kernel_noise()")
+        return sigma * noise
+    return None
 
 
 def kernel_noise(
@@ -147,21 +171,24 @@ def kernel_noise(
     dtype: torch.dtype | None = None,
     gmm: GMM | None = None,
     step_index: int = 0,
+    num_steps: int = 1,
+    eta: float = 1.0,
     z: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The step's unit-variance noise: z for DDIM, delta_{i,k} + L_i z for DDIM-GMM.
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The step's random draws (z, k): z ~ N(0, I), and the component indices k on a mixture step.
 
     z is drawn first, exactly as diffusers draws its variance noise (same shape, same generator
-    or per-sample generators); the component indices k are drawn after it. A trivial kernel
-    (K = 1 or scale = 0) draws no k, so it leaves the random streams, and the output,
-    bit-identical to DDIM's.
+    or per-sample generators), when eta > 0 or the step mixes (also at eta = 0 for the paper's
+    kernel); k is drawn after it, one uniform per sample. A step that does not mix (no GMM, a
+    trivial one with K = 1 or scale = 0, the last step) draws no k, so it leaves the random
+    streams, and the output, bit-identical to DDIM's. ``z`` given: used instead of a draw.
     """
-    if z is None:
+    mixes = gmm is not None and gmm.mixes_at(step_index, num_steps, eta)
+    if z is None and (eta > 0 or mixes):
         z = randn(shape, generator, device=device, dtype=dtype)
-    if gmm is None or gmm.is_trivial:
-        return z
-    components = gmm.draw_components(step_index, z.shape[0], generator)
-    return gmm.unit_noise(step_index, z, components)
+    if not mixes:
+        return (z if eta > 0 else None), None
+    return z, gmm.draw_components(step_index, z.shape[0], generator)
 
 
 def concat_conditioning(unconditional: Any, conditional: Any) -> Any:
@@ -217,8 +244,8 @@ def sample_ddim(
 
     ``denoiser(x, t)`` returns the model output for the batch x at timestep t (a (B,) long
     tensor); ``timesteps`` run from the noisiest down; ``callback(i, t, x_s, x0_hat)`` sees
-    every step. The GMM's step i is used on the i-th step run. Callers warn (once) when a GMM
-    is given with eta = 0 (:func:`warn_gmm_without_noise`).
+    every step. The GMM's step i is used on the i-th step run, except on the last step unless
+    the GMM has ``last_step=True`` (METHOD.md).
     """
     check_eta(eta)
     check_prediction_type(prediction_type)
@@ -229,9 +256,16 @@ def sample_ddim(
     for i, t in enumerate(timesteps):
         t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         model_output = denoiser(x, t_batch)
-        noise = None
-        if eta > 0:
-            noise = kernel_noise(x.shape, generator, device=x.device, dtype=x.dtype, gmm=gmm, step_index=i)
+        noise, components = kernel_noise(
+            x.shape,
+            generator,
+            device=x.device,
+            dtype=x.dtype,
+            gmm=gmm,
+            step_index=i,
+            num_steps=len(timesteps),
+            eta=eta,
+        )
         abar_t = alphas_cumprod[int(t)]
         abar_prev = previous_abar(alphas_cumprod, timesteps, i, final_abar)
         x, x0 = ddim_step(
@@ -241,6 +275,9 @@ def sample_ddim(
             abar_prev,
             eta,
             noise,
+            gmm=gmm,
+            step_index=i,
+            components=components,
             prediction_type=prediction_type,
             **step_options,
         )
@@ -249,11 +286,27 @@ def sample_ddim(
     return x
 
 
-def warn_gmm_without_noise(stacklevel: int = 3) -> None:
-    """DDIM-GMM with eta = 0 has sigma = 0: the mixture has no variance to act on."""
+def ddim_sigmas(
+    alphas_cumprod: torch.Tensor, timesteps: Sequence[int], final_abar: torch.Tensor | float, eta: float
+) -> list[float]:
+    """sigma of every step of a run, in the order the steps run."""
+    final_abar = torch.as_tensor(final_abar, dtype=alphas_cumprod.dtype)
+    return [
+        float(ddim_sigma(alphas_cumprod[int(t)], previous_abar(alphas_cumprod, timesteps, i, final_abar), eta))
+        for i, t in enumerate(timesteps)
+    ]
+
+
+def warn_if_gmm_is_inert(gmm: GMM | None, eta: float, stacklevel: int = 3) -> bool:
+    """Warn when a matched-construction GMM is used with eta = 0, where it is plain DDIM
+    (its offsets are in units of sigma = 0). The paper's kernel acts at eta = 0: no warning.
+    Returns whether it warned."""
+    if gmm is None or gmm.is_trivial or gmm.acts_without_noise or eta != 0:
+        return False
     warnings.warn(
-        "DDIM-GMM with eta=0 is deterministic DDIM: sigma = 0, so the mixture kernel has no "
-        "variance to act on; use eta > 0 (e.g. 1.0) for the GMM to matter",
+        f"construction={gmm.hparams.construction!r} with eta=0 is deterministic DDIM: its offsets are "
+        "in units of sigma = 0; use eta > 0, or construction='paper' (whose offsets act at eta = 0)",
         UserWarning,
         stacklevel=stacklevel,
     )
+    return True
