@@ -102,23 +102,59 @@ def toy():
     return ToyGMMModel.random(shape=(3, 4, 4), n_modes=3, seed=0)
 
 
-@pytest.mark.parametrize("moments", ["diagonal", "full"])
-def test_trivial_kernels_are_ddim_bit_for_bit(toy, moments):
-    ddim = run_toy(toy)
-    one_component = GMM().initialize(dim=48, n_components=1, n_steps=10, moments=moments)
-    zero_scale = GMM().initialize(dim=48, n_components=16, n_steps=10, scale=0.0, moments=moments)
-    assert torch.equal(run_toy(toy, one_component), ddim)
-    assert torch.equal(run_toy(toy, zero_scale), ddim)
-    # and the mixture does act when it is not trivial
-    assert not torch.equal(run_toy(toy, GMM().initialize(dim=48, n_components=16, n_steps=10)), ddim)
+CONSTRUCTIONS = ["paper", "matched_diagonal", "matched_full"]
 
 
-@pytest.mark.parametrize("moments", ["diagonal", "full"])
-def test_eta_zero_is_deterministic_ddim_for_any_k(toy, moments):
+@pytest.mark.parametrize("construction", CONSTRUCTIONS)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_trivial_kernels_are_ddim_bit_for_bit(toy, construction, eta):
+    ddim = run_toy(toy, eta=eta)
+    one_component = GMM().initialize(dim=48, n_components=1, n_steps=10, construction=construction)
+    zero_scale = GMM().initialize(dim=48, n_components=16, n_steps=10, scale=0.0, construction=construction)
+    assert torch.equal(run_toy(toy, one_component, eta=eta), ddim)
+    assert torch.equal(run_toy(toy, zero_scale, eta=eta), ddim)
+    # and the mixture does act when it is not trivial (the matched ones only with eta > 0)
+    mixture = GMM().initialize(dim=48, n_components=16, n_steps=10, construction=construction)
+    assert torch.equal(run_toy(toy, mixture, eta=eta), ddim) == (eta == 0 and construction != "paper")
+
+
+@pytest.mark.parametrize("construction", ["matched_diagonal", "matched_full"])
+def test_eta_zero_is_deterministic_ddim_for_matched_constructions(toy, construction):
     ddim = run_toy(toy, eta=0.0)
     for k in (2, 4, 16):
-        gmm = GMM().initialize(dim=48, n_components=k, n_steps=10, moments=moments)
+        gmm = GMM().initialize(dim=48, n_components=k, n_steps=10, construction=construction)
         assert torch.equal(run_toy(toy, gmm, eta=0.0), ddim)
+
+
+@pytest.mark.parametrize("orthonormal,upper", [(False, False), (True, False), (True, True)])
+def test_paper_eta_zero_step_is_ddim_plus_one_of_k_offsets(orthonormal, upper):
+    """At eta = 0 a non-last step's output minus DDIM's takes at most K distinct values, the offsets."""
+    k, batch = 8, 64
+    gmm = GMM().initialize(
+        dim=48, n_components=k, n_steps=2, scale=0.3, orthonormal=orthonormal, upper_bound_vars=upper
+    )
+    x = torch.randn((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(0)).expand(batch, *SHAPE[1:])
+    out = model_output_for(x, torch.full((batch,), 500))
+    abar_t, abar_s = torch.tensor(0.3), torch.tensor(0.6)
+    generators = sample_generators(range(batch))
+    noise, components = kernel_noise(x.shape, generators, gmm=gmm, step_index=0, num_steps=2, eta=0.0)
+    mixed, _ = ddim_step(out, x, abar_t, abar_s, 0.0, noise, gmm=gmm, step_index=0, components=components)
+    ddim, _ = ddim_step(out, x, abar_t, abar_s, 0.0)
+    differences = torch.unique((mixed - ddim).reshape(batch, -1), dim=0)
+    assert 1 < differences.shape[0] <= k
+    assert len(torch.unique(components)) == differences.shape[0]
+    for row, component in zip((mixed - ddim).reshape(batch, -1), components, strict=True):
+        assert torch.allclose(row, gmm.offsets(0)[component], atol=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_the_last_step_is_ddim_unless_last_step(toy, eta):
+    """One step is also the last: DDIM's Gaussian there unless last_step=True."""
+    ddim = run_toy(toy, eta=eta, steps=1)
+    default = GMM().initialize(dim=48, n_components=8, n_steps=1)
+    on_last = GMM().initialize(dim=48, n_components=8, n_steps=1, last_step=True)
+    assert torch.equal(run_toy(toy, default, eta=eta, steps=1), ddim)
+    assert not torch.equal(run_toy(toy, on_last, eta=eta, steps=1), ddim)
 
 
 def test_trivial_gmm_scheduler_is_diffusers_bit_for_bit():
@@ -134,32 +170,33 @@ def test_trivial_gmm_scheduler_is_diffusers_bit_for_bit():
     assert torch.equal(xa, xb)
 
 
-@pytest.mark.parametrize("moments", ["diagonal", "full"])
-def test_a_sample_does_not_depend_on_its_batch(toy, moments):
-    gmm = GMM().initialize(dim=48, n_components=8, n_steps=10, moments=moments, uniform_priors=False)
-    batch = run_toy(toy, gmm, seeds=range(7))
+@pytest.mark.parametrize("construction", CONSTRUCTIONS)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_a_sample_does_not_depend_on_its_batch(toy, construction, eta):
+    gmm = GMM().initialize(dim=48, n_components=8, n_steps=10, construction=construction, uniform_priors=False)
+    batch = run_toy(toy, gmm, seeds=range(7), eta=eta)
     for seed in (0, 3, 6):
-        alone = run_toy(toy, gmm, seeds=[seed])
+        alone = run_toy(toy, gmm, seeds=[seed], eta=eta)
         assert torch.allclose(alone[0], batch[seed], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
-    "sampler,eta,moments",
+    "sampler,eta,construction",
     [
         ("ddim", 0.0, None),
         ("ddim", 1.0, None),
-        ("ddim_gmm", 0.0, "diagonal"),
-        ("ddim_gmm", 1.0, "diagonal"),
-        ("ddim_gmm", 1.0, "full"),
+        ("ddim_gmm", 0.0, "matched_diagonal"),
+        ("ddim_gmm", 1.0, "matched_diagonal"),
+        ("ddim_gmm", 1.0, "matched_full"),
     ],
 )
-def test_toy_loop_reproduces_the_data_law(sampler, eta, moments):
+def test_toy_loop_reproduces_the_data_law(sampler, eta, construction):
     """200 steps with the exact eps: the samples' mean and covariance are the data law's."""
     model = ToyGMMModel.random(shape=(1, 2, 2), n_modes=3, seed=1)
     n = 4000
     gmm = None
     if sampler == "ddim_gmm":
-        gmm = GMM().initialize(dim=4, n_components=8, n_steps=200, moments=moments)
+        gmm = GMM().initialize(dim=4, n_components=8, n_steps=200, construction=construction)
     x = torch.randn(n, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     timesteps = list(range(995, -1, -5))
     samples = (
@@ -195,25 +232,30 @@ def test_ddim_step_needs_noise_when_eta_positive():
         sample_ddim(lambda x, t: x, x, [10], torch.linspace(0.9, 0.1, 20), 1.0, prediction_type="score")
 
 
-def test_kernel_noise_draws_z_first_then_components():
-    """The generator's first draw is z, exactly diffusers' variance noise."""
-    gmm = GMM().initialize(dim=48, n_components=4, n_steps=1)
-    noise = kernel_noise(SHAPE, torch.Generator().manual_seed(3), gmm=gmm)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_kernel_noise_draws_z_first_then_components(eta):
+    """The generator's first draw is z, exactly diffusers' variance noise; then one uniform per sample."""
+    gmm = GMM().initialize(dim=48, n_components=4, n_steps=2)
+    z, components = kernel_noise(SHAPE, torch.Generator().manual_seed(3), gmm=gmm, num_steps=2, eta=eta)
     g = torch.Generator().manual_seed(3)
-    z = randn_tensor(SHAPE, generator=g)
-    k = gmm.draw_components(0, SHAPE[0], g)
-    assert torch.equal(noise, gmm.unit_noise(0, z, k))
+    assert torch.equal(z, randn_tensor(SHAPE, generator=g))
+    assert torch.equal(components, gmm.draw_components(0, SHAPE[0], g))
+    # the last step does not mix: z only when eta > 0, and no component
+    z, components = kernel_noise(SHAPE, torch.Generator(), gmm=gmm, step_index=1, num_steps=2, eta=eta)
+    assert components is None and (z is None) == (eta == 0)
 
 
-@pytest.mark.parametrize("moments", ["diagonal", "full"])
-def test_the_last_step_with_abar_one_has_no_noise(moments):
-    """abar_s = 1 gives sigma = 0: the last step ignores the noise, whichever kernel drew it."""
-    gmm = GMM().initialize(dim=48, n_components=8, n_steps=1, moments=moments)
+@pytest.mark.parametrize("construction", CONSTRUCTIONS)
+def test_the_last_step_with_abar_one_has_no_noise(construction):
+    """abar_s = 1 gives sigma = 0: the last step is x0_hat, whatever the generator."""
+    gmm = GMM().initialize(dim=48, n_components=8, n_steps=1, construction=construction)
     x, out = torch.randn(SHAPE), torch.randn(SHAPE)
     abar_t, final = torch.tensor(0.9), torch.tensor(1.0)
-    steps = [
-        ddim_step(out, x, abar_t, final, 1.0, kernel_noise(SHAPE, torch.Generator().manual_seed(s), gmm=gmm))[0]
-        for s in range(3)
-    ]
+
+    def last_step(seed):
+        noise, k = kernel_noise(SHAPE, torch.Generator().manual_seed(seed), gmm=gmm, num_steps=1, eta=1.0)
+        return ddim_step(out, x, abar_t, final, 1.0, noise, gmm=gmm, components=k)[0]
+
+    steps = [last_step(s) for s in range(3)]
     assert torch.equal(steps[0], steps[1]) and torch.equal(steps[0], steps[2])
     assert torch.equal(steps[0], ddim_step(out, x, abar_t, final, 0.0)[0])

@@ -202,7 +202,7 @@ def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
     for name, metric_cfg in extra_cfgs.items():
         if metric_cfg is not None and metric_cfg.get("enabled", True):
             extras[name] = instantiate(metric_cfg.factory, adapter=adapter)
-    return MetricSuite(fid, reference, fid_name=cfg.model.get("fid_name", "fid"), extras=extras)
+    return MetricSuite(fid, reference, fid_name=cfg.model.get("fid_name", "fid"), extras=extras, seed=cfg.data.seed)
 
 
 def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
