@@ -37,10 +37,18 @@ def test_readme_snippet_runs_as_written(ddpm_dir):
     scheduler.set_gmm_params(gmm_params=gmm_params)
     scheduler.set_timesteps(50)
     x = torch.randn(1, 3, 256, 256)
-    out = scheduler.step(
-        torch.zeros_like(x), scheduler.timesteps[0], x, eta=1.0, generator=torch.Generator().manual_seed(0)
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the paper's kernel acts at eta = 0: no warning
+        out = scheduler.step(
+            0.1 * x, scheduler.timesteps[0], x, eta=0.0, generator=torch.Generator().manual_seed(0)
+        )
     assert out.prev_sample.shape == x.shape
+    # the seed's snippet at eta = 0 samples with the paper's kernel, not DDIM
+    plain = diffusers.DDIMScheduler.from_pretrained(local_dir)
+    plain.set_timesteps(50)
+    ddim = plain.step(0.1 * x, plain.timesteps[0], x, eta=0.0).prev_sample
+    assert (out.prev_sample - ddim).abs().max() > 1e-3
+    assert scheduler.clipped_fraction == pytest.approx(16 / (3 * 256 * 256))
     assert DDIMGMMScheduler is DDIMScheduler
     assert isinstance(scheduler, diffusers.DDIMScheduler)
 
@@ -59,8 +67,8 @@ def step_all(scheduler, x, seeds, eta=1.0):
     return x
 
 
-@pytest.mark.parametrize("moments", ["diagonal", "full"])
-def test_config_round_trip_rebuilds_the_kernel(tmp_path, moments):
+@pytest.mark.parametrize("construction", ["paper", "matched_diagonal", "matched_full"])
+def test_config_round_trip_rebuilds_the_kernel(tmp_path, construction):
     gmm = GMM().initialize(
         dim=48,
         n_components=4,
@@ -70,14 +78,16 @@ def test_config_round_trip_rebuilds_the_kernel(tmp_path, moments):
         orthonormal=False,
         upper_bound_vars=True,
         seed=7,
-        moments=moments,
+        construction=construction,
+        last_step=True,
     )
     scheduler = DDIMScheduler(timestep_spacing="trailing")
     scheduler.set_gmm_params(gmm_params=gmm)
     scheduler.set_timesteps(8)
     scheduler.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "scheduler_config.json").read_text())
-    assert saved["gmm_n_components"] == 4 and saved["gmm_seed"] == 7 and saved["gmm_moments"] == moments
+    assert saved["gmm_n_components"] == 4 and saved["gmm_seed"] == 7 and saved["gmm_construction"] == construction
+    assert saved["gmm_last_step"] is True
     reloaded = DDIMScheduler.from_pretrained(tmp_path)
     reloaded.set_timesteps(8)
     assert reloaded.gmm_params.hparams == gmm.hparams
@@ -141,7 +151,7 @@ def test_bad_scheduler_use():
     with pytest.raises(ValueError, match="eta=-1 is not allowed"):
         scheduler.step(torch.zeros(1, 3), 900, torch.zeros(1, 3), eta=-1)
     with pytest.raises(ValueError, match="n_steps=20 does not match the 10 sampling steps"):
-        scheduler.set_gmm_params(GMM().initialize(dim=3, n_components=4, n_steps=20))
+        scheduler.set_gmm_params(GMM().initialize(dim=3, n_components=2, n_steps=20))
     with pytest.raises(ValueError, match="call gmm_params.initialize"):
         scheduler.set_gmm_params(GMM())
     with pytest.raises(ValueError, match="gmm_params=3 is not allowed"):
@@ -150,17 +160,20 @@ def test_bad_scheduler_use():
     with pytest.raises(ValueError, match=r"GMM dim=12 does not match the sample shape \(3,\)"):
         scheduler.step(torch.zeros(1, 3), 900, torch.zeros(1, 3), eta=1.0)
     with pytest.raises(ValueError, match="gmm_scale|scale=2.0 is not allowed"):
-        DDIMScheduler(gmm_dim=3, gmm_n_components=2, gmm_n_steps=1, gmm_scale=2.0)
+        DDIMScheduler(gmm_dim=3, gmm_n_components=2, gmm_n_steps=1, gmm_scale=2.0, gmm_construction="matched_full")
 
 
-def test_warns_once_for_gmm_with_eta_zero():
+@pytest.mark.parametrize("construction", ["paper", "matched_diagonal"])
+def test_warns_once_for_a_matched_gmm_with_eta_zero(construction):
     scheduler = DDIMScheduler()
-    scheduler.set_gmm_params(GMM().initialize(dim=3, n_components=4, n_steps=4))
+    scheduler.set_gmm_params(GMM().initialize(dim=3, n_components=2, n_steps=4, construction=construction))
     scheduler.set_timesteps(4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step_all(scheduler, torch.zeros(1, 3), [0], eta=0.0)
-    assert len(caught) == 1 and "no variance to act on" in str(caught[0].message)
+        step_all(scheduler, torch.zeros(1, 3), [0], eta=0.0)
+    expected = 0 if construction == "paper" else 1
+    assert len(caught) == expected and all("with eta=0 is deterministic DDIM" in str(w.message) for w in caught)
 
 
 def tiny_stable_diffusion(scheduler):

@@ -30,10 +30,16 @@ def test_readme_snippet_runs_as_written():
     )
     sampler = DDIMSampler(model=diffusion_model, gmm=True, gmm_params=gmm_params)
     sampler.make_schedule(ddim_num_steps=50, ddim_eta=0.0)
-    with pytest.warns(UserWarning, match="no variance to act on"):
-        samples, _ = sampler.sample(steps=50, batch_size=4, shape=(3, 64, 64), eta=0.0)
+    x_T = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the paper's kernel acts at eta = 0: no warning
+        samples, _ = sampler.sample(steps=50, batch_size=4, shape=(3, 64, 64), eta=0.0, x_T=x_T)
     assert samples.shape == (4, 3, 64, 64)
     assert torch.isfinite(samples).all()
+    # the seed's snippet samples with the paper's kernel, not DDIM: eta = 0 is m + delta_k
+    ddim, _ = DDIMSampler(model=diffusion_model).sample(steps=50, batch_size=4, shape=(3, 64, 64), eta=0.0, x_T=x_T)
+    assert (samples - ddim).abs().max() > 1e-3
+    assert sampler.clipped_fraction == pytest.approx(16 / (3 * 64 * 64))  # VUB at sigma = 0: the first K
 
 
 def compvis_ddim_eta0(model, x_T, num_steps):
@@ -135,7 +141,7 @@ def test_v_parameterised_model_gives_the_same_samples(model):
 
 
 def test_gmm_sampler_is_reproducible_per_sample(model):
-    gmm = GMM().initialize(dim=192, n_components=8, n_steps=10, moments="full")
+    gmm = GMM().initialize(dim=192, n_components=8, n_steps=10, construction="matched_full")
     sampler = DDIMSampler(model, gmm=True, gmm_params=gmm)
     a, _ = sampler.sample(S=10, batch_size=3, shape=(3, 8, 8), eta=1.0, generator=sample_generators([4, 5, 6]))
     b, _ = sampler.sample(S=10, batch_size=1, shape=(3, 8, 8), eta=1.0, generator=sample_generators([5]))
@@ -144,15 +150,17 @@ def test_gmm_sampler_is_reproducible_per_sample(model):
     assert not torch.allclose(plain, b)
 
 
-def test_warns_once_for_gmm_with_eta_zero(model):
-    gmm = GMM().initialize(dim=192, n_components=4, n_steps=5)
+@pytest.mark.parametrize("construction", ["paper", "matched_diagonal", "matched_full"])
+def test_warns_once_for_a_matched_gmm_with_eta_zero(model, construction):
+    gmm = GMM().initialize(dim=192, n_components=4, n_steps=5, construction=construction)
     sampler = DDIMSampler(model, gmm=True, gmm_params=gmm)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sampler.sample(S=5, batch_size=1, shape=(3, 8, 8), eta=0.0)
         sampler.sample(S=5, batch_size=1, shape=(3, 8, 8), eta=0.0)
         sampler.sample(S=5, batch_size=1, shape=(3, 8, 8), eta=1.0)
-    assert [str(w.message).startswith("DDIM-GMM with eta=0") for w in caught] == [True]
+    expected = [] if construction == "paper" else [True]
+    assert [f"construction={construction!r} with eta=0" in str(w.message) for w in caught] == expected
 
 
 @pytest.mark.parametrize(

@@ -199,9 +199,6 @@ class DDIMSampler:
                 intermediates["pred_x0"].append(x0)
 
         alphas_cumprod = self.alphas_cumprod
-        if self.gmm_params is not None:
-            sigmas = ddim_sigmas(alphas_cumprod, timesteps, alphas_cumprod[0], eta)
-            self.clipped_fraction = self.gmm_params.clipped_fraction(sigmas, eta)
         samples = sample_ddim(
             denoise,
             x,
@@ -214,6 +211,9 @@ class DDIMSampler:
             callback=on_step,
             prediction_type=self.prediction_type,
         )
+        if self.gmm_params is not None:
+            sigmas = ddim_sigmas(alphas_cumprod, timesteps, alphas_cumprod[0], eta)
+            self.clipped_fraction = self.gmm_params.clipped_fraction(sigmas, eta)
         return samples, intermediates
 
     def guided_model_output(self, x: torch.Tensor, t: torch.Tensor, c: Any, scale: float, uc: Any) -> torch.Tensor:
