@@ -60,8 +60,9 @@ class GMMHyperparameters:
     share_across_steps: bool = False
     last_step: bool = False
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad value and what is allowed."""
+    def validate(self, with_dim: bool = True) -> None:
+        """Raise ValueError naming the first bad value and what is allowed (``with_dim=False``:
+        skip the checks that need the sample size, for a config checked before its model loads)."""
         _require_int("dim", self.dim, minimum=1)
         _require_int("n_components", self.n_components, minimum=1)
         _require_int("n_steps", self.n_steps, minimum=1)
@@ -72,7 +73,7 @@ class GMMHyperparameters:
         if self.construction == "paper":
             if not is_number or not (0.0 <= float(self.scale) < math.inf):
                 raise ValueError(f"scale={self.scale!r} is not allowed: it must be a finite number >= 0")
-            if self.n_components > self.dim:
+            if with_dim and self.n_components > self.dim:
                 raise ValueError(
                     f"n_components={self.n_components} is not allowed for dim={self.dim}: "
                     "the paper's construction needs n_components <= dim"
@@ -85,6 +86,15 @@ class GMMHyperparameters:
         for flag in ("uniform_priors", "orthonormal", "upper_bound_vars", "share_across_steps", "last_step"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} is not allowed: it must be True or False")
+
+
+def variant_name(hp: GMMHyperparameters) -> str:
+    """The paper's name for a kernel: RAND, ORTHO, ORTHO-VUB, ORTHO-VUB* (RAND-VUB, RAND-VUB* are
+    ours: VUB with RAND offsets is outside the paper); matched constructions by their own name."""
+    if hp.construction != "paper":
+        return hp.construction
+    name = ("ORTHO" if hp.orthonormal else "RAND") + ("-VUB" if hp.upper_bound_vars else "")
+    return name + ("*" if hp.share_across_steps else "")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

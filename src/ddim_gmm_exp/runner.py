@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ddim_gmm_exp.data import SampleIndexDataset, read_prompts, resolve_labels
 from ddim_gmm_exp.diffusers import DDIMScheduler
 from ddim_gmm_exp.errors import ConfigError
-from ddim_gmm_exp.gmm import GMM, GMMHyperparameters
+from ddim_gmm_exp.gmm import GMM, GMMHyperparameters, variant_name
 from ddim_gmm_exp.images import image_grid, save_png
 from ddim_gmm_exp.metrics import (
     MetricSuite,
@@ -98,7 +98,7 @@ def check_config(cfg: DictConfig) -> None:
         )
     if sampler.use_gmm:
         try:
-            gmm_hyperparameters(cfg, dim=1).validate()
+            gmm_hyperparameters(cfg, dim=1).validate(with_dim=False)
         except ValueError as err:
             raise ConfigError(f"gmm: {err}") from err
 
@@ -152,6 +152,10 @@ def build_gmm(cfg: DictConfig, adapter: ModelAdapter) -> GMM | None:
     if not cfg.sampler.use_gmm:
         return None
     hp = gmm_hyperparameters(cfg, adapter.dim)
+    try:
+        hp.validate()
+    except ValueError as err:
+        raise ConfigError(f"gmm: {err} (model={cfg.model.name} samples D={adapter.dim})") from err
     gmm = GMM().initialize(**vars(hp))
     log.info("GMM kernel: %s", gmm)
     warn_if_gmm_is_inert(gmm, cfg.sampler.eta, stacklevel=2)
@@ -206,8 +210,10 @@ def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
 
 
 def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """What decides the samples: a resumed run must match it."""
-    keep = {k: cfg[k] for k in ("model", "sampler", "gmm") if k in cfg}
+    """What decides the samples: a resumed run must match it. gmm.* only where the sampler uses it."""
+    keep = {k: cfg[k] for k in ("model", "sampler") if k in cfg}
+    if cfg.sampler.use_gmm:
+        keep["gmm"] = cfg.gmm
     keep["data"] = {k: v for k, v in cfg.data.items() if k != "batch_size"}
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
@@ -338,16 +344,66 @@ def gmm_clipping(gmm: GMM | None, plan: SamplingPlan) -> float | None:
     return gmm.clipped_fraction(sigmas, plan.eta)
 
 
-def run_metadata(cfg: DictConfig, conditional: bool, gmm: GMM | None, plan: SamplingPlan) -> dict[str, Any]:
-    overrides: list[str] = []
+def task_overrides() -> list[str]:
+    """This job's command-line (or sweeper) overrides; [] outside a Hydra job (tests calling run())."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not inside a Hydra job (tests calling run() directly)
-        pass
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def in_multirun() -> bool:
+    return sweep_group() is not None
+
+
+def unused_gmm_overrides(cfg: DictConfig) -> list[str]:
+    """gmm.* overrides of a job whose sampler uses no GMM (they would change nothing)."""
+    if cfg.sampler.use_gmm:
+        return []
+    return [o for o in task_overrides() if o.lstrip("+~").startswith("gmm.")]
+
+
+def check_gmm_overrides_apply(cfg: DictConfig) -> None:
+    """A gmm.* setting that the sampler does not use is an error in a single run. In a sweep
+    (``-m sampler=ddim,ddim_gmm gmm.n_components=4,8``) such DDIM jobs run once (see duplicate_job)."""
+    unused = unused_gmm_overrides(cfg)
+    if unused and not in_multirun():
+        raise ConfigError(
+            f"{unused[0]} is set but sampler={cfg.sampler.name} uses no GMM: add sampler=ddim_gmm "
+            "(or a GMM variant, e.g. variant=ortho_vub), or drop the gmm.* override"
+        )
+
+
+def duplicate_job(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """In a sweep, an earlier job of the same sweep whose samples this job would repeat exactly:
+    a sampler without a GMM whose jobs differ only in gmm.* overrides. None if there is none."""
+    if not unused_gmm_overrides(cfg) or not in_multirun():
+        return None
+    fingerprint = run_fingerprint(cfg)
+    for sibling in sorted(output_dir.parent.iterdir()):
+        if sibling == output_dir or not (sibling / RESULTS_FILE).is_file():
+            continue
+        saved = sibling / RUN_CONFIG_FILE
+        if saved.is_file() and json.loads(saved.read_text()) == fingerprint:
+            return sibling
+    return None
+
+
+def skip_as_duplicate(output_dir: Path, original: Path) -> dict[str, Any]:
+    """Record why this job did not sample, and return the original job's results."""
+    reason = f"same samples as job {original.name}: gmm.* does not apply to a sampler without a GMM"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "skipped.json").write_text(json.dumps({"skipped": reason, "same_as": str(original)}, indent=2))
+    log.warning("skipped: %s", reason)
+    return json.loads((original / RESULTS_FILE).read_text())
+
+
+def run_metadata(cfg: DictConfig, conditional: bool, gmm: GMM | None, plan: SamplingPlan) -> dict[str, Any]:
     return {
-        "overrides": overrides,
+        "overrides": task_overrides(),
+        "variant": variant_name(gmm.hparams) if gmm is not None else "DDIM",
         "model": cfg.model.name,
         "sampler": cfg.sampler.name,
         "steps": cfg.sampler.steps,
@@ -373,8 +429,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample, score and report one configuration; returns the results (also in results.json)."""
     started = time.time()
     check_config(cfg)
+    check_gmm_overrides_apply(cfg)
     output_dir = Path(cfg.paths.output_dir)
     sample_dir = output_dir / "samples"
+    original = duplicate_job(cfg, output_dir)
+    if original is not None:
+        return skip_as_duplicate(output_dir, original)
     adapter = build_adapter(cfg)
     scheduler = build_scheduler(adapter, cfg.sampler)
     labels = resolve_labels(cfg.data.labels, adapter.num_classes)
@@ -406,9 +466,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     logger = build_logger(cfg, output_dir, cfg.logger.get("group") or sweep_group())
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(run_fingerprint(cfg), indent=2))
     if cfg.save_images:
         sample_dir.mkdir(exist_ok=True)
-        (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(run_fingerprint(cfg), indent=2))
     plan = SamplingPlan.from_scheduler(
         scheduler,
         eta=cfg.sampler.eta,

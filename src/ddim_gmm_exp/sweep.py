@@ -3,7 +3,10 @@
     python scripts/summarize.py multirun/sample/2026-11-27_09-00-00   # rebuild after the fact
 
 Each job's results.json becomes a row; the plot shows each metric against steps, one line per
-(sampler, eta, n_components, moments), averaged over seeds with min-max bars where seeds vary.
+(sampler, eta, variant, K, scale, guidance), averaged over seeds with min-max bars where seeds vary.
+A sweep over GMM variants also gets the paper's reporting (Tables 7-8, Fig. 1): paper.md, one
+table per (guidance, eta) with the best scale s per (variant, steps) cell next to its value, and
+paper.png, the FID against steps, one panel per eta.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ log = logging.getLogger(__name__)
 KEY_COLUMNS = [
     "sampler",
     "eta",
+    "variant",
     "n_components",
-    "moments",
     "gmm_scale",
     "conditional",
     "guidance_scale",
@@ -42,6 +45,7 @@ def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:
         row |= {k: result.get(k) for k in ["model", *KEY_COLUMNS]}
         row |= result.get("metrics", {})
         row |= {
+            "gmm_clipped_fraction": result.get("gmm_clipped_fraction"),
             "images_per_second": result.get("images_per_second"),
             "overrides": " ".join(result.get("overrides", [])),
         }
@@ -58,7 +62,7 @@ def _job_key(path: Path, sweep_dir: Path) -> tuple:
 
 
 def metric_names(rows: list[dict[str, Any]]) -> list[str]:
-    fixed = {"job", "model", "_only_model", "images_per_second", "overrides", *KEY_COLUMNS}
+    fixed = {"job", "model", "_only_model", "images_per_second", "overrides", "gmm_clipped_fraction", *KEY_COLUMNS}
     names: list[str] = []
     for row in rows:
         names += [k for k in row if k not in fixed and k not in names and isinstance(row[k], int | float)]
@@ -69,9 +73,9 @@ def series_label(row: dict[str, Any]) -> str:
     """Everything that tells jobs apart but the seed (jobs that differ only in seed are averaged)."""
     label = f"{row['sampler']} eta={row['eta']}"
     if row.get("n_components") is not None:
-        label += f" K={row['n_components']} {row['moments']}"
-        if row.get("gmm_scale") not in (None, 1.0):
-            label += f" scale={row['gmm_scale']}"
+        label += f" {row.get('variant')} K={row['n_components']}"
+        if row.get("gmm_scale") is not None:
+            label += f" s={row['gmm_scale']}"
     if row.get("guidance_scale") not in (None, 1.0, 0.0) and row.get("conditional") is not False:
         label += f" cfg={row['guidance_scale']}"
     if row.get("model") is not None and row.get("model") != row.get("_only_model"):
@@ -102,14 +106,20 @@ def write_summary(sweep_dir: str | Path) -> list[Path]:
         log.warning("no results.json under %s: no summary written", sweep_dir)
         return []
     metrics = metric_names(rows)
-    columns = ["job", "model", *KEY_COLUMNS, *metrics, "images_per_second", "overrides"]
+    columns = ["job", "model", *KEY_COLUMNS, *metrics, "gmm_clipped_fraction", "images_per_second", "overrides"]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     (sweep_dir / "summary.md").write_text(summary_markdown(rows, metrics))
     plot_summary(rows, metrics, sweep_dir / "summary.png")
-    return [sweep_dir / name for name in ("summary.csv", "summary.md", "summary.png")]
+    written = [sweep_dir / name for name in ("summary.csv", "summary.md", "summary.png")]
+    if any(row.get("n_components") is not None for row in rows):
+        metric = primary_metric(metrics)
+        (sweep_dir / "paper.md").write_text(paper_markdown(rows, metric))
+        plot_paper(rows, metric, sweep_dir / "paper.png")
+        written += [sweep_dir / "paper.md", sweep_dir / "paper.png"]
+    return written
 
 
 def summary_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
@@ -208,6 +218,126 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(4, max(1, len(names))), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(names) / 4), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- paper format
+
+VARIANT_ORDER = ["DDIM", "RAND", "ORTHO", "ORTHO-VUB", "ORTHO-VUB*"]
+
+
+def primary_metric(metrics: list[str]) -> str:
+    """The metric the paper reports: the first FID-like one (lower is better), else the first."""
+    return next((m for m in metrics if "fid" in m.lower()), metrics[0] if metrics else "fid")
+
+
+def setting_label(row: dict[str, Any]) -> str:
+    """Guidance setting of a row: conditional with its CFG scale, or unconditional."""
+    if row.get("conditional") is False:
+        return "unconditional"
+    return f"conditional, CFG {row.get('guidance_scale')}"
+
+
+def _variant_key(variant: str) -> tuple[int, str]:
+    return (VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER), variant)
+
+
+def best_scale_cells(rows: list[dict[str, Any]], metric: str) -> dict[tuple, tuple[float, float | None, Any, int]]:
+    """(setting, eta, variant, K, steps) -> (mean, std, best s, n_seeds): over seeds, then the s with
+    the lowest mean (the paper reports the best s per cell)."""
+    by_scale: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        if isinstance(row.get(metric), int | float):
+            key = (setting_label(row), row["eta"], row.get("variant") or "DDIM", row.get("n_components"), row["steps"])
+            by_scale[(*key, row.get("gmm_scale"))].append(float(row[metric]))
+    cells: dict[tuple, tuple[float, float | None, Any, int]] = {}
+    for (*key, scale), values in by_scale.items():
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        key = tuple(key)
+        if key not in cells or mean < cells[key][0]:
+            cells[key] = (mean, std, scale, len(values))
+    return cells
+
+
+def paper_markdown(rows: list[dict[str, Any]], metric: str) -> str:
+    """One table per (guidance setting, eta): variants x steps, "mean ± std (s=best)", best in bold."""
+    cells = best_scale_cells(rows, metric)
+    seeds = max((c[3] for c in cells.values()), default=1)
+    spread = "mean ± std over seeds" if seeds > 1 else "one seed"
+    lines = [f"# {metric}, lower is better ({spread}; best scale s per cell, as the paper reports)", ""]
+    for setting in sorted({k[0] for k in cells}):
+        for eta in sorted({k[1] for k in cells if k[0] == setting}):
+            keys = [k for k in cells if k[0] == setting and k[1] == eta]
+            steps = sorted({k[4] for k in keys})
+            series = sorted({(k[2], k[3]) for k in keys}, key=lambda v: (_variant_key(v[0]), v[1] or 0))
+            best = {st: min(cells[k][0] for k in keys if k[4] == st) for st in steps}
+            lines += [f"**{setting}, eta = {eta}**", "", "| sampler | " + " | ".join(f"{st} steps" for st in steps) + " |"]
+            lines.append("|---|" + "---|" * len(steps))
+            for variant, k in series:
+                name = variant if k is None else f"{variant} (K={k})"
+                row_cells = []
+                for st in steps:
+                    cell = cells.get((setting, eta, variant, k, st))
+                    row_cells.append("" if cell is None else _paper_cell(cell, cell[0] == best[st]))
+                lines.append(f"| {name} | " + " | ".join(row_cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _paper_cell(cell: tuple[float, float | None, Any, int], is_best: bool) -> str:
+    mean, std, scale, _ = cell
+    text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+    if is_best:
+        text = f"**{text}**"
+    return text if scale is None else f"{text} (s={scale:g})"
+
+
+def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """The paper's Fig. 1 layout: metric against steps, one panel per eta (one row per guidance
+    setting), one line per variant at its best s for each step count, std bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = best_scale_cells(rows, metric)
+    settings = sorted({k[0] for k in cells})
+    etas = sorted({k[1] for k in cells})
+    fig, axes = plt.subplots(
+        len(settings), len(etas), figsize=(4 * len(etas), 3.4 * len(settings) + 0.8), squeeze=False
+    )
+    series = sorted({(k[2], k[3]) for k in cells}, key=lambda v: (_variant_key(v[0]), v[1] or 0))
+    markers = "osD^v<>pPX*h"
+    for r, setting in enumerate(settings):
+        for c, eta in enumerate(etas):
+            ax = axes[r][c]
+            for j, (variant, k) in enumerate(series):
+                points = sorted((key[4], cell) for key, cell in cells.items() if key[:4] == (setting, eta, variant, k))
+                if not points:
+                    continue
+                ax.errorbar(
+                    [p[0] for p in points],
+                    [p[1][0] for p in points],
+                    yerr=[p[1][1] or 0.0 for p in points],
+                    marker=markers[j % len(markers)],
+                    capsize=3,
+                    color=plt.cm.tab10(j % 10),
+                    label=variant if k is None else f"{variant} (K={k})",
+                )
+            ax.set_xscale("log")
+            steps = sorted({key[4] for key in cells})
+            ax.set_xticks(steps, [str(st) for st in steps])
+            ax.minorticks_off()
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+            ax.set_title(f"{setting}, eta = {eta}", fontsize=9)
+            ax.set_xlabel("steps")
+            ax.set_ylabel(f"{metric} (lower is better)")
+            ax.grid(alpha=0.3)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
