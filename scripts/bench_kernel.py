@@ -4,8 +4,8 @@
     python scripts/bench_kernel.py --device cpu --repeats 20 --out bench.md
 
 Times, in one run and on one device, one DDIM update (variance noise z + step) and one DDIM-GMM
-update (z + component draw + delta_k + L z + step), both with per-sample generators as the runner
-uses them, for every D x K x moments, at batch 16; and one forward of a UNet2DModel with
+update (z + component draw + the construction's perturbation + step), both with per-sample
+generators as the runner uses them, for every D x K x construction, at batch 16; and one forward of a UNet2DModel with
 google/ddpm-cifar10-32's architecture (random weights) at the same batch. Prints a table of
 ratios (GMM update / DDIM update, GMM update / UNet forward) and the kernel memory.
 """
@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from ddim_gmm_exp.gmm import GMM
+from ddim_gmm_exp.gmm import CONSTRUCTIONS, GMM
 from ddim_gmm_exp.models.pretrained import ddpm_cifar10_unet
 from ddim_gmm_exp.noise import sample_generators
 from ddim_gmm_exp.sampling import ddim_step, kernel_noise
@@ -51,8 +51,10 @@ def update_fn(shape: tuple[int, ...], device: torch.device, gmm: GMM | None) -> 
     generators = sample_generators(range(shape[0]), device=device)
 
     def update() -> torch.Tensor:
-        noise = kernel_noise(shape, generators, device=device, dtype=x.dtype, gmm=gmm, step_index=0)
-        return ddim_step(eps, x, abar_t, abar_prev, 1.0, noise)[0]
+        noise, components = kernel_noise(
+            shape, generators, device=device, dtype=x.dtype, gmm=gmm, step_index=0, num_steps=2, eta=1.0
+        )
+        return ddim_step(eps, x, abar_t, abar_prev, 1.0, noise, gmm=gmm, components=components)[0]
 
     return update
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dims", nargs="+", default=list(DIMS), choices=list(DIMS))
     parser.add_argument("--ks", nargs="+", type=int, default=[4, 16, 64])
-    parser.add_argument("--moments", nargs="+", default=["diagonal", "full"], choices=["diagonal", "full"])
+    parser.add_argument("--constructions", nargs="+", default=list(CONSTRUCTIONS), choices=list(CONSTRUCTIONS))
     parser.add_argument("--steps", type=int, default=50, help="sampling steps for the cached-memory column")
     parser.add_argument("--no-unet", action="store_true", help="skip the UNet forward")
     parser.add_argument("--out", help="also write the table (markdown) to this file")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         f"device: {name}; batch {args.batch}; median of {args.repeats}; "
         f"UNet2DModel (ddpm-cifar10-32 architecture) forward: {unet_s * 1e3:.1f} ms",
         "",
-        "| D | K | moments | DDIM update ms | GMM update ms | GMM / DDIM | GMM / UNet fwd | "
+        "| D | K | construction | DDIM update ms | GMM update ms | GMM / DDIM | GMM / UNet fwd | "
         f"kernel MB per step | kernel MB x {args.steps} steps |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -95,15 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             shape = (args.batch, *DIMS[dim_name])
             dim = shape[1] * shape[2] * shape[3]
             ddim_s = median_seconds(update_fn(shape, device, None), args.repeats, device)
-            for moments in args.moments:
+            for construction in args.constructions:
                 for k in args.ks:
                     gmm = GMM(device=device).initialize(
-                        dim=dim, n_components=k, n_steps=1, moments=moments, share_across_steps=True
+                        dim=dim, n_components=k, n_steps=1, construction=construction, share_across_steps=True
                     )
                     gmm_s = median_seconds(update_fn(shape, device, gmm), args.repeats, device)
                     mb = gmm.memory_bytes / 2**20
                     lines.append(
-                        f"| {dim_name} | {k} | {moments} | {ddim_s * 1e3:.3f} | {gmm_s * 1e3:.3f} | "
+                        f"| {dim_name} | {k} | {construction} | {ddim_s * 1e3:.3f} | {gmm_s * 1e3:.3f} | "
                         f"{gmm_s / ddim_s:.2f} | {gmm_s / unet_s:.4f} | {mb:.2f} | {mb * args.steps:.1f} |"
                     )
                     print(lines[-1], file=sys.stderr, flush=True)

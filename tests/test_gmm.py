@@ -246,3 +246,15 @@ def test_dim_must_match_the_sample_shape():
         gmm.check_shape((2, 3, 4, 5))
     with pytest.raises(ValueError, match="call initialize"):
         GMM().check_shape((2, 3))
+
+
+@pytest.mark.parametrize("construction", ["paper", *MATCHED])
+def test_perturbation_of_a_sample_does_not_depend_on_its_batch(construction):
+    """Bit for bit in float32: the matched_full projection runs per sample (a batched matmul's
+    rounding depends on the batch size)."""
+    gmm = GMM().initialize(dim=3 * 32 * 32, n_components=16, n_steps=2, construction=construction, scale=0.7)
+    z = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    k = torch.arange(7) % 16
+    together = gmm.perturbation(0, 0.8, z, k)
+    for b in range(7):
+        assert torch.equal(gmm.perturbation(0, 0.8, z[b : b + 1], k[b : b + 1])[0], together[b])

@@ -547,10 +547,21 @@ class GMM:
         elif hp.construction == "matched_diagonal":
             out = sigma * (params["offsets"][components] + params["component_std"] * flat)
         else:
-            basis = params["basis"]
-            coords = params["offset_coords"][components] + params["std_correction"] * (flat @ basis)
-            out = sigma * (flat + coords @ basis.T)
+            out = sigma * self._matched_full_unit_noise(params, flat, components)
         return out.reshape(z.shape).to(z.device, z.dtype)
+
+    @staticmethod
+    def _matched_full_unit_noise(
+        params: dict[str, torch.Tensor], flat: torch.Tensor, components: torch.Tensor
+    ) -> torch.Tensor:
+        """delta_k + L z = z + U (coords_k + std_correction * U^T z), one sample at a time: a
+        batched matmul's BLAS blocking depends on the batch size, so a sample's rounding would too."""
+        basis = params["basis"]
+        rows = []
+        for z, k in zip(flat, components, strict=True):
+            coords = params["offset_coords"][k] + params["std_correction"] * (z @ basis)
+            rows.append(z + basis @ coords)
+        return torch.stack(rows)
 
     def __repr__(self) -> str:
         if self.hparams is None:
