@@ -1,6 +1,8 @@
 """The diffusers interface: loading, config round trip, timestep spacings, pipelines, bad input."""
 
+import itertools
 import json
+import re
 import warnings
 
 import diffusers
@@ -39,9 +41,7 @@ def test_readme_snippet_runs_as_written(ddpm_dir):
     x = torch.randn(1, 3, 256, 256)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the paper's kernel acts at eta = 0: no warning
-        out = scheduler.step(
-            0.1 * x, scheduler.timesteps[0], x, eta=0.0, generator=torch.Generator().manual_seed(0)
-        )
+        out = scheduler.step(0.1 * x, scheduler.timesteps[0], x, eta=0.0, generator=torch.Generator().manual_seed(0))
     assert out.prev_sample.shape == x.shape
     # the seed's snippet at eta = 0 samples with the paper's kernel, not DDIM
     plain = diffusers.DDIMScheduler.from_pretrained(local_dir)
@@ -116,7 +116,9 @@ def test_set_gmm_params_none_restores_ddim():
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 def test_previous_timestep_comes_from_the_timestep_list(spacing):
     """An independent float64 DDIM (eta = 0) over the actual list: right for every spacing."""
-    scheduler = DDIMScheduler(timestep_spacing=spacing, clip_sample=False, set_alpha_to_one=True)
+    scheduler = DDIMScheduler(
+        timestep_spacing=spacing, clip_sample=False, set_alpha_to_one=True, previous_timestep="listed"
+    )
     scheduler.set_timesteps(7)
     timesteps = scheduler.timesteps.tolist()
     abar = scheduler.alphas_cumprod.double().numpy()
@@ -145,6 +147,8 @@ def test_bad_scheduler_use():
         scheduler.step(torch.zeros(1, 3), 10, torch.zeros(1, 3))
     with pytest.raises(ValueError, match="num_inference_steps=0 is not allowed"):
         scheduler.set_timesteps(0)
+    with pytest.raises(ValueError, match="previous_timestep='next' is not allowed: choose one of"):
+        DDIMScheduler(previous_timestep="next")
     scheduler.set_timesteps(10)
     with pytest.raises(ValueError, match="timestep=5 is not one of the scheduler's timesteps"):
         scheduler.step(torch.zeros(1, 3), 5, torch.zeros(1, 3))
@@ -254,3 +258,194 @@ def test_ddim_pipeline_rebuilds_the_scheduler():
     ours.set_gmm_params(GMM().initialize(dim=192, n_components=4, n_steps=5))
     pipe = diffusers.DDIMPipeline(unet=unet, scheduler=ours)
     assert type(pipe.scheduler) is diffusers.DDIMScheduler
+
+
+def model_output_for(x, t):
+    """A deterministic stand-in for a network: depends on x and t, not on anything random."""
+    return torch.tanh(x * 0.7 + 0.001 * float(t))
+
+
+# (spacing, S, steps_offset): the brief's grid, plus "leading" with steps_offset >= T // S and
+# "trailing" with S = 61, where diffusers' timesteps are S + 1 long and end at -1.
+PARITY_CASES = list(itertools.product(["leading", "trailing", "linspace"], [7, 30, 50], [0, 1])) + [
+    ("leading", 7, 143),
+    ("trailing", 61, 0),
+]
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing,num_steps,steps_offset", PARITY_CASES)
+def test_default_step_is_diffusers_step_bit_for_bit(spacing, num_steps, steps_offset, eta):
+    """Default previous_timestep="diffusers": t - T // S, exactly as diffusers' step computes it."""
+    config = dict(timestep_spacing=spacing, steps_offset=steps_offset)
+    ours, theirs = DDIMScheduler(**config), diffusers.DDIMScheduler(**config)
+    ours.set_timesteps(num_steps)
+    theirs.set_timesteps(num_steps)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    x_ours = x_theirs = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    g_ours, g_theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for t in ours.timesteps:
+        a = ours.step(model_output_for(x_ours, t), t, x_ours, eta=eta, generator=g_ours)
+        b = theirs.step(model_output_for(x_theirs, t), t, x_theirs, eta=eta, generator=g_theirs)
+        assert torch.equal(a.pred_original_sample, b.pred_original_sample)
+        assert torch.equal(a.prev_sample, b.prev_sample), f"t={int(t)}"
+        x_ours, x_theirs = a.prev_sample, b.prev_sample
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_default_step_is_diffusers_step_for_every_option(prediction_type):
+    """The other step options (no x0 clipping, thresholding, clipped model output, set_alpha_to_one)."""
+    for options in [
+        dict(clip_sample=False, set_alpha_to_one=False),
+        dict(thresholding=True, sample_max_value=2.0),
+    ]:
+        config = dict(timestep_spacing="trailing", prediction_type=prediction_type, **options)
+        ours, theirs = DDIMScheduler(**config), diffusers.DDIMScheduler(**config)
+        ours.set_timesteps(30)
+        theirs.set_timesteps(30)
+        x_ours = x_theirs = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        g_ours, g_theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        for t in ours.timesteps:
+            kwargs = dict(eta=0.5, use_clipped_model_output=True)
+            a = ours.step(3 * model_output_for(x_ours, t), t, x_ours, generator=g_ours, **kwargs)
+            b = theirs.step(3 * model_output_for(x_theirs, t), t, x_theirs, generator=g_theirs, **kwargs)
+            assert torch.equal(a.prev_sample, b.prev_sample), f"{options} t={int(t)}"
+            x_ours, x_theirs = a.prev_sample, b.prev_sample
+
+
+def test_listed_rule_steps_to_the_next_listed_timestep():
+    """previous_timestep="listed" differs from diffusers exactly where T // S is not the gap."""
+    ours = DDIMScheduler(timestep_spacing="trailing", previous_timestep="listed")
+    theirs = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    ours.set_timesteps(30)
+    theirs.set_timesteps(30)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = ours.timesteps[1]  # 966 -> 932 (listed) vs 966 -> 933 (diffusers)
+    a = ours.step(model_output_for(x, t), t, x).prev_sample
+    b = theirs.step(model_output_for(x, t), t, x).prev_sample
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rule", ["diffusers", "listed"])
+def test_previous_timestep_rule_round_trips(tmp_path, rule):
+    scheduler = DDIMScheduler(previous_timestep=rule) if rule == "listed" else DDIMScheduler()
+    assert DDIMScheduler.from_config(scheduler.config).config.previous_timestep == rule
+    scheduler.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["previous_timestep"] == rule
+    assert DDIMScheduler.from_pretrained(tmp_path).config.previous_timestep == rule
+    # a diffusers config without the key gets diffusers' rule
+    assert DDIMScheduler.from_config(diffusers.DDIMScheduler().config).config.previous_timestep == "diffusers"
+
+
+def gmm_after_construction():
+    """A scheduler built without gmm_* keys, its GMM installed afterwards (the usual order)."""
+    scheduler = DDIMScheduler(timestep_spacing="trailing", steps_offset=1)
+    scheduler.set_gmm_params(GMM().initialize(dim=48, n_components=4, n_steps=6, scale=0.5, seed=3))
+    return scheduler
+
+
+def step_n(scheduler, x, seeds, eta, n=4):
+    generators = sample_generators(seeds)
+    for t in scheduler.timesteps[:n]:
+        x = scheduler.step(model_output_for(x, t), t, x, eta=eta, generator=generators).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("how", ["from_config", "save_pretrained"])
+def test_a_copy_samples_exactly_like_the_original(tmp_path, eta, how):
+    original = gmm_after_construction()
+    if how == "from_config":
+        copy = DDIMScheduler.from_config(original.config)
+    else:
+        original.save_pretrained(tmp_path)
+        copy = DDIMScheduler.from_pretrained(tmp_path)
+    original.set_timesteps(6)
+    copy.set_timesteps(6)
+    assert copy.gmm_params is not None and copy.gmm_params.hparams == original.gmm_params.hparams
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    sample = step_n(original, x, [5, 6], eta)
+    assert torch.equal(step_n(copy, x, [5, 6], eta), sample)
+    plain = DDIMScheduler.from_config(original.config, gmm_n_components=None)
+    plain.set_timesteps(6)
+    assert not torch.equal(step_n(plain, x, [5, 6], eta), sample)  # the GMM is what is copied
+
+
+def scheduler_state(scheduler):
+    return (
+        scheduler.gmm_params,
+        dict(scheduler.config),
+        scheduler.timesteps.clone(),
+        scheduler.num_inference_steps,
+        dict(scheduler._step_clipped),
+        scheduler.clipped_fraction,
+    )
+
+
+def assert_same_state(before, after):
+    gmm, config, timesteps, num_steps, clipped, fraction = before
+    assert after[0] is gmm
+    assert after[1] == config
+    assert torch.equal(after[2], timesteps)
+    assert after[3:] == (num_steps, clipped, fraction)
+
+
+def with_gmm_and_one_step():
+    scheduler = DDIMScheduler()
+    scheduler.set_gmm_params(GMM().initialize(dim=3, n_components=2, n_steps=10))
+    scheduler.set_timesteps(10)
+    scheduler.step(torch.zeros(1, 3), scheduler.timesteps[0], torch.zeros(1, 3), eta=1.0)
+    return scheduler
+
+
+def timesteps_only():
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(10)
+    return scheduler
+
+
+def gmm_in_config_only():
+    return DDIMScheduler(gmm_dim=3, gmm_n_components=2, gmm_n_steps=10)
+
+
+def install_a_20_step_gmm(scheduler):
+    scheduler.set_gmm_params(GMM().initialize(dim=3, n_components=2, n_steps=20))
+
+
+REFUSED_CALLS = {
+    "gmm for other steps, none installed": (timesteps_only, install_a_20_step_gmm, "n_steps=20 does not match"),
+    "gmm for other steps, one installed": (with_gmm_and_one_step, install_a_20_step_gmm, "n_steps=20 does not match"),
+    "uninitialized gmm": (with_gmm_and_one_step, lambda s: s.set_gmm_params(GMM()), "call gmm_params.initialize"),
+    "steps the gmm lacks": (with_gmm_and_one_step, lambda s: s.set_timesteps(20), "n_steps=10 does not match the 20"),
+    "steps the config's gmm lacks": (gmm_in_config_only, lambda s: s.set_timesteps(20), "n_steps=10 does not match"),
+    "too many steps": (with_gmm_and_one_step, lambda s: s.set_timesteps(1001), "num_inference_steps=1001 is not"),
+}
+
+
+@pytest.mark.parametrize("make,call,message", REFUSED_CALLS.values(), ids=REFUSED_CALLS.keys())
+def test_a_refused_call_leaves_the_scheduler_as_it_was(make, call, message):
+    scheduler = make()
+    before = scheduler_state(scheduler)
+    with pytest.raises(ValueError, match=message):
+        call(scheduler)
+    assert_same_state(before, scheduler_state(scheduler))
+
+
+@pytest.mark.parametrize("count", [np.int64(7), np.int32(7), np.uint16(7)])
+def test_numpy_integer_step_counts_are_accepted(count):
+    ours, theirs = DDIMScheduler(), diffusers.DDIMScheduler()
+    ours.set_timesteps(count)
+    theirs.set_timesteps(count)
+    assert torch.equal(ours.timesteps, theirs.timesteps) and ours.num_inference_steps == 7
+    x = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = ours.timesteps[0]
+    assert torch.equal(ours.step(0.3 * x, t, x).prev_sample, theirs.step(0.3 * x, t, x).prev_sample)
+
+
+@pytest.mark.parametrize("count", [0, -3, 1001, True, np.bool_(True), 2.5, np.float64(7.0), "7", None])
+def test_bad_step_counts_are_refused_by_name(count):
+    scheduler = DDIMScheduler()
+    allowed = r"is not allowed: it must be an integer in \[1, 1000\]"
+    with pytest.raises(ValueError, match=rf"num_inference_steps={re.escape(repr(count))} {allowed}"):
+        scheduler.set_timesteps(count)
+    assert scheduler.num_inference_steps is None

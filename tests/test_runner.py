@@ -84,8 +84,11 @@ def test_default_run_end_to_end(default_run):
     assert len(pngs(out)) == 100 and (out / "samples" / "000099.png").is_file()
     assert (out / "grid.png").is_file()
     assert "fid" in (out / "csv" / "metrics.csv").read_text()
-    assert results["conditional"] is True and results["gmm_clipped_fraction"] == 0.0
-    assert results["gmm_memory_bytes"] == 5 * (4 * 4 + 8 * 4 + 4 * 4 * 192 + 4 * 192)  # 5 steps, K = 4, D = 192
+    # the paper's ORTHO-VUB at eta = 0: on the 4 mixing steps every v_k > 0 clips, the first K = 4 of D = 192
+    assert results["conditional"] is True and results["gmm_clipped_fraction"] == pytest.approx(4 / 192)
+    assert results["variant"] == "ORTHO-VUB" and results["construction"] == "paper" and results["eta"] == 0.0
+    # 5 steps of: priors K (float32), cumulative priors K (float64), offsets K*D, variance base D, factors K
+    assert results["gmm_memory_bytes"] == 5 * (4 * 4 + 8 * 4 + 4 * 4 * 192 + 4 * 192 + 4 * 4)
 
 
 def test_fid_is_pinned_against_an_independent_computation(default_run, cache_dir):
@@ -139,10 +142,13 @@ def test_guidance_and_unconditional_sampling(tmp_path, cache_dir):
     assert not (tmp_path / "cond" / "samples").exists()
 
 
-def test_gmm_with_eta_zero_warns(tmp_path, cache_dir):
-    cfg = compose_config([*SMALL, "sampler=ddim_gmm", "sampler.eta=0.0", "logger=none"], tmp_path, cache_dir)
-    with pytest.warns(UserWarning, match="no variance to act on"):
-        run(cfg)
+def test_matched_gmm_with_eta_zero_warns(tmp_path, cache_dir):
+    cfg = compose_config(
+        [*SMALL, "variant=matched_diagonal", "sampler.eta=0.0", "gmm.scale=0.5", "logger=none"], tmp_path, cache_dir
+    )
+    with pytest.warns(UserWarning, match="construction='matched_diagonal' with eta=0 is deterministic DDIM"):
+        results = run(cfg)
+    assert results["gmm_clipped_fraction"] == 0.0 and results["variant"] == "matched_diagonal"
 
 
 # ------------------------------------------------------------------------------------ ranks
@@ -218,6 +224,7 @@ def test_multirun_writes_results_and_a_summary(tmp_path, cache_dir):
             "model=toy",
             "sampler=ddim,ddim_gmm",
             "sampler.steps=2,4",
+            "gmm.n_components=4,8",
             "data.num_samples=100",
             "logger=none",
             "save_images=false",
@@ -226,17 +233,26 @@ def test_multirun_writes_results_and_a_summary(tmp_path, cache_dir):
         ]
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # the DDIM jobs that differ only in gmm.n_components run once; the other is skipped with a note
     jobs = sorted(sweep.glob("*/results.json"))
-    assert len(jobs) == 4
-    assert {(r["sampler"], r["steps"]) for r in map(lambda p: json.loads(p.read_text()), jobs)} == {
-        ("ddim", 2),
-        ("ddim", 4),
-        ("ddim_gmm", 2),
-        ("ddim_gmm", 4),
-    }
+    skipped = sorted(sweep.glob("*/skipped.json"))
+    assert len(jobs) == 6 and len(skipped) == 2
+    assert all("gmm.* does not apply" in json.loads(p.read_text())["skipped"] for p in skipped)
+    runs = [json.loads(p.read_text()) for p in jobs]
+    assert sorted((r["sampler"], r["steps"], r["n_components"]) for r in runs) == [
+        ("ddim", 2, None),
+        ("ddim", 4, None),
+        ("ddim_gmm", 2, 4),
+        ("ddim_gmm", 2, 8),
+        ("ddim_gmm", 4, 4),
+        ("ddim_gmm", 4, 8),
+    ]
     csv_lines = (sweep / "summary.csv").read_text().splitlines()
-    assert len(csv_lines) == 5 and "fid" in csv_lines[0]
-    assert "ddim_gmm eta=1.0 K=16 diagonal" in (sweep / "summary.md").read_text()
+    assert len(csv_lines) == 7 and "fid" in csv_lines[0]
+    assert "ddim_gmm eta=0.0 ORTHO-VUB K=8 s=1.0" in (sweep / "summary.md").read_text()
+    paper = (sweep / "paper.md").read_text()
+    assert "| DDIM |" in paper and "| ORTHO-VUB (K=4) |" in paper and "(s=1)" in paper
+    assert (sweep / "paper.png").stat().st_size > 1000
     assert (sweep / "summary.png").stat().st_size > 1000
     (sweep / "summary.md").unlink()
     rebuilt = subprocess.run(
@@ -315,7 +331,13 @@ def test_wandb_offline_run_holds_config_fid_and_grid(tmp_path, cache_dir):
         (["sampler.guidance_scale=-1"], "sampler.guidance_scale=-1 is not allowed"),
         (["sampler.timestep_spacing=cubic"], "sampler.timestep_spacing='cubic' is not allowed"),
         (["sampler=ddim_gmm", "gmm.n_components=0"], "gmm: n_components=0 is not allowed"),
-        (["sampler=ddim_gmm", "gmm.scale=1.5"], r"gmm: scale=1.5 is not allowed: it must be a number in \[0, 1\]"),
+        (["sampler=ddim_gmm", "gmm.scale=-1"], "gmm: scale=-1 is not allowed: it must be a finite number >= 0"),
+        (
+            ["variant=matched_full", "gmm.scale=1.5"],
+            r"gmm: scale=1.5 is not allowed with construction='matched_full': it must be a number in \[0, 1\]",
+        ),
+        (["sampler=ddim_gmm", "gmm.construction=exact"], "gmm: construction='exact' is not allowed: choose one of"),
+        (["sampler=ddim_gmm", "gmm.n_components=200"], r"gmm: n_components=200 is not allowed for dim=192"),
         (
             ["data.num_samples=1", "trainer=ddp_sim", "metrics.fid.enabled=false"],
             "data.num_samples=1 is fewer than the 2 ranks",
@@ -357,6 +379,8 @@ def test_inception_without_local_weights_says_which_file(tmp_path, cache_dir, mo
     "args,message",
     [
         (["sampler=fancy"], "sampler=fancy is not a config option: choose one of ddim, ddim_gmm"),
+        (["gmm.scale=2"], "gmm.scale=2 is set but sampler=ddim uses no GMM: add sampler=ddim_gmm"),
+        (["gmm.n_components=0"], "gmm.n_components=0 is set but sampler=ddim uses no GMM"),
         (["-m", "model=toy,nope"], "model=nope is not a config option"),
         (["sampler.eta=-1"], "sampler.eta=-1 is not allowed"),
         (["data.batch_size=0"], "data.batch_size=0 is not allowed"),

@@ -6,22 +6,31 @@
     scheduler.set_timesteps(50)
     x = scheduler.step(model_output, t, x, eta=1.0, generator=generator).prev_sample
 
-The subclass keeps diffusers' config, ``step()`` signature and outputs. It differs in two ways:
-the previous timestep is the next entry of ``self.timesteps`` (so every ``timestep_spacing``
-is right; diffusers' own ``step`` assumes a fixed stride, which is wrong for "linspace"), and
-with a GMM the step is the mixture's (``x_s = m + delta_{i,k} + sqrt(max(sigma^2 - v_k, 0)) z`` for
-the paper's kernel, which acts at eta = 0 too). The GMM's
-hyperparameters are saved in the scheduler config (``gmm_*`` keys), so a saved scheduler
-rebuilds the same kernel. The step math is :func:`ddim_gmm_exp.sampling.ddim_step`.
+The subclass keeps diffusers' config, ``step()`` signature and outputs; without a GMM its
+``step`` is diffusers' own, bit for bit. With a GMM the step is the mixture's
+(``x_s = m + delta_{i,k} + sqrt(max(sigma^2 - v_k, 0)) z`` for the paper's kernel, which acts
+at eta = 0 too), where i is the position of ``timestep`` in ``self.timesteps``. Two config keys
+are added, and both survive ``from_config`` and ``save_pretrained``/``from_pretrained``:
+
+- ``gmm_*``: the GMM's hyperparameters, so a copy rebuilds the same kernel.
+- ``previous_timestep``: where a step lands. ``"diffusers"`` (default) is diffusers' rule,
+  s = t - T // S (``final_alpha_cumprod`` once s < 0). ``"listed"`` lands on the next entry
+  of ``self.timesteps``, which differs where the gap is not T // S: always for "linspace"
+  (where diffusers' rule is wrong), "trailing" with T % S != 0, "leading" with
+  steps_offset >= T // S.
+
+The step math is :func:`ddim_gmm_exp.sampling.ddim_step`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
@@ -44,23 +53,32 @@ __all__ = ["DDIMScheduler", "DDIMGMMScheduler", "GMM"]
 _GMM_FIELDS = [f.name for f in dataclasses.fields(GMMHyperparameters)]
 # Config key -> default; gmm_n_components = None means "no GMM".
 GMM_CONFIG_DEFAULTS: dict[str, Any] = {f"gmm_{name}": None for name in _GMM_FIELDS}
+PREVIOUS_TIMESTEP_RULES = ("diffusers", "listed")
+# Every config key this subclass adds to diffusers' -> default.
+EXTRA_CONFIG_DEFAULTS: dict[str, Any] = {"previous_timestep": "diffusers", **GMM_CONFIG_DEFAULTS}
 
 
 def _merged_signature() -> inspect.Signature:
-    """diffusers.DDIMScheduler's init parameters (whatever the installed version) + gmm_* ones."""
+    """diffusers.DDIMScheduler's init parameters (whatever the installed version) + ours."""
     parent = inspect.signature(diffusers.DDIMScheduler.__init__)
     params = [p for p in parent.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     params += [
         inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default)
-        for key, default in GMM_CONFIG_DEFAULTS.items()
+        for key, default in EXTRA_CONFIG_DEFAULTS.items()
     ]
     return parent.replace(parameters=params)
 
 
 def _init(self: DDIMScheduler, *args: Any, **kwargs: Any) -> None:
     gmm_config = {key: kwargs.pop(key, None) for key in GMM_CONFIG_DEFAULTS}
+    kwargs.pop("previous_timestep", None)  # registered by the decorator; read from self.config
     # The parent's undecorated init: our decorator already registered the whole config.
     diffusers.DDIMScheduler.__init__.__wrapped__(self, *args, **kwargs)
+    if self.config.previous_timestep not in PREVIOUS_TIMESTEP_RULES:
+        raise ValueError(
+            f"previous_timestep={self.config.previous_timestep!r} is not allowed: "
+            f"choose one of {PREVIOUS_TIMESTEP_RULES}"
+        )
     self.gmm_params = None
     self._gmm_by_device: dict[torch.device, GMM] = {}
     self._step_index_of: dict[int, int] = {}
@@ -85,13 +103,20 @@ class DDIMScheduler(diffusers.DDIMScheduler):
 
     __init__ = register_to_config(_init)
 
+    def _register_as_given(self, **values: Any) -> None:
+        """register_to_config, and drop the keys from ``_use_default_values``: ``from_config``
+        skips the keys listed there, so a GMM installed after construction would be lost."""
+        defaults = [key for key in self.config.get("_use_default_values", []) if key not in values]
+        self.register_to_config(**values, _use_default_values=defaults)
+
     def set_gmm_params(self, gmm_params: GMM | None = None) -> None:
         """Use ``gmm_params`` for the variance noise from now on (None: plain DDIM again).
 
-        Its hyperparameters go into the config, so ``save_pretrained`` keeps them.
+        Its hyperparameters go into the config, so ``from_config`` and ``save_pretrained`` keep
+        them. Every check runs first: a refused GMM leaves the scheduler as it was.
         """
         if gmm_params is None:
-            self.register_to_config(**GMM_CONFIG_DEFAULTS)
+            self._register_as_given(**GMM_CONFIG_DEFAULTS)
             self.gmm_params = None
             self._gmm_by_device = {}
             return
@@ -99,28 +124,51 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             raise ValueError(f"gmm_params={gmm_params!r} is not allowed: pass a ddim_gmm_exp GMM or None")
         if not gmm_params.initialized:
             raise ValueError("gmm_params has no parameters yet: call gmm_params.initialize(...) first")
-        self.register_to_config(**{f"gmm_{k}": v for k, v in gmm_params.state_dict().items()})
-        self.gmm_params = gmm_params
-        self._gmm_by_device = {gmm_params.device: gmm_params}
         if self.num_inference_steps is not None:
             gmm_params.check_num_steps(len(self.timesteps))
+        self._register_as_given(**{f"gmm_{k}": v for k, v in gmm_params.state_dict().items()})
+        self.gmm_params = gmm_params
+        self._gmm_by_device = {gmm_params.device: gmm_params}
+
+    def _checked_num_inference_steps(self, num_inference_steps: Any) -> int:
+        """``num_inference_steps`` as an int (numpy integers allowed, as diffusers allows them)."""
+        total = self.config.num_train_timesteps
+        is_integer = isinstance(num_inference_steps, numbers.Integral) and not isinstance(
+            num_inference_steps, bool | np.bool_
+        )
+        if not is_integer or not 1 <= num_inference_steps <= total:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps!r} is not allowed: it must be an integer in [1, {total}]"
+            )
+        return int(num_inference_steps)
+
+    def _gmm_for_timesteps(self) -> GMM | None:
+        """The installed GMM, else one built from the config's gmm_* keys (not installed yet)."""
+        if self.gmm_params is not None or self.config.get("gmm_n_components") is None:
+            return self.gmm_params
+        return GMM().initialize(**dataclasses.asdict(hyperparameters_from_config(self.config)))
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """diffusers' timesteps; rebuilds the GMM from the config if it was loaded from one."""
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps!r} is not allowed: it must be an integer in "
-                f"[1, {self.config.num_train_timesteps}]"
-            )
-        super().set_timesteps(num_inference_steps, device=device)
+        """diffusers' timesteps; builds the GMM from the config if it was loaded from one.
+
+        A refused call (bad count, or a GMM without a step for each timestep) leaves the
+        scheduler as it was.
+        """
+        steps = self._checked_num_inference_steps(num_inference_steps)
+        previous = (self.timesteps, self.num_inference_steps)
+        super().set_timesteps(steps, device=device)
+        try:
+            gmm = self._gmm_for_timesteps()
+            if gmm is not None:  # the length, not steps: "trailing" can give S + 1 timesteps
+                gmm.check_num_steps(len(self.timesteps))
+        except Exception:  # undo diffusers' part: a refused call must change nothing
+            self.timesteps, self.num_inference_steps = previous
+            raise
         self._step_clipped = {}
         self._step_index_of = {int(t): i for i, t in reversed(list(enumerate(self.timesteps.tolist())))}
-        if self.gmm_params is None and self.config.get("gmm_n_components") is not None:
-            hp = hyperparameters_from_config(self.config)
-            self.gmm_params = GMM().initialize(**dataclasses.asdict(hp))
-            self._gmm_by_device = {self.gmm_params.device: self.gmm_params}
-        if self.gmm_params is not None:
-            self.gmm_params.check_num_steps(len(self.timesteps))
+        if gmm is not self.gmm_params:
+            self.gmm_params = gmm
+            self._gmm_by_device = {gmm.device: gmm}
 
     @property
     def clipped_fraction(self) -> float | None:
@@ -145,6 +193,14 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             )
         return self._step_index_of[t]
 
+    def _previous_abar(self, timestep: int, i: int) -> torch.Tensor:
+        """abar at the step's target: diffusers' s = t - T // S, or the next listed timestep."""
+        if self.config.previous_timestep == "listed":
+            return previous_abar(self.alphas_cumprod, self.timesteps, i, self.final_alpha_cumprod)
+        # diffusers' own expression, so that the step is bit for bit diffusers' step
+        prev = timestep - self.config.num_train_timesteps // self.num_inference_steps
+        return self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+
     def _gmm_on(self, device: torch.device) -> GMM | None:
         if self.gmm_params is None:
             return None
@@ -163,12 +219,14 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple:
-        """One DDIM or DDIM-GMM step from ``timestep`` to the next entry of ``self.timesteps``."""
+        """One DDIM or DDIM-GMM step from ``timestep`` to the previous timestep (config
+        ``previous_timestep``); the GMM's step index is the position of ``timestep`` in
+        ``self.timesteps``."""
         i = self.step_index_of(timestep)
         check_eta(eta)
         check_prediction_type(self.config.prediction_type)
         abar_t = self.alphas_cumprod[int(timestep)]
-        abar_prev = previous_abar(self.alphas_cumprod, self.timesteps, i, self.final_alpha_cumprod)
+        abar_prev = self._previous_abar(int(timestep), i)
         gmm = self._gmm_on(model_output.device)
         if not self._warned_eta_zero:
             self._warned_eta_zero = warn_if_gmm_is_inert(gmm, eta)
@@ -190,7 +248,9 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         )
         if gmm is not None:
             sigma = ddim_sigma(abar_t, abar_prev, eta)
-            self._step_clipped[i] = gmm.step_clipped_fraction(i, sigma) if gmm.mixes_at(i, len(self.timesteps), eta) else None
+            self._step_clipped[i] = (
+                gmm.step_clipped_fraction(i, sigma) if gmm.mixes_at(i, len(self.timesteps), eta) else None
+            )
         prev_sample, x0 = ddim_step(
             model_output,
             sample,
