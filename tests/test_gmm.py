@@ -208,7 +208,10 @@ def test_per_sample_components_do_not_depend_on_the_batch():
             {"scale": 1.5, "construction": "matched_diagonal"},
             r"scale=1.5 is not allowed with construction='matched_diagonal': it must be a number in \[0, 1\]",
         ),
-        ({"scale": 1.01, "construction": "matched_full"}, r"scale=1.01 is not allowed with construction='matched_full'"),
+        (
+            {"scale": 1.01, "construction": "matched_full"},
+            r"scale=1.01 is not allowed with construction='matched_full'",
+        ),
         ({"n_components": 17}, "n_components=17 is not allowed for dim=16: the paper's construction needs"),
         ({"last_step": 1}, "last_step=1 is not allowed: it must be True or False"),
         ({"n_steps": 0}, "n_steps=0 is not allowed: it must be an integer >= 1"),

@@ -273,7 +273,11 @@ def paper_markdown(rows: list[dict[str, Any]], metric: str) -> str:
             steps = sorted({k[4] for k in keys})
             series = sorted({(k[2], k[3]) for k in keys}, key=lambda v: (_variant_key(v[0]), v[1] or 0))
             best = {st: min(cells[k][0] for k in keys if k[4] == st) for st in steps}
-            lines += [f"**{setting}, eta = {eta}**", "", "| sampler | " + " | ".join(f"{st} steps" for st in steps) + " |"]
+            lines += [
+                f"**{setting}, eta = {eta}**",
+                "",
+                "| sampler | " + " | ".join(f"{st} steps" for st in steps) + " |",
+            ]
             lines.append("|---|" + "---|" * len(steps))
             for variant, k in series:
                 name = variant if k is None else f"{variant} (K={k})"
