@@ -35,6 +35,7 @@ def test_readme_snippet_runs_as_written(ddpm_dir):
         orthonormal=True,
         upper_bound_vars=True,
     )
+    assert round(gmm_params.memory_bytes / 1e6) == 668  # the README's number
     scheduler = DDIMScheduler.from_pretrained(local_dir)
     scheduler.set_gmm_params(gmm_params=gmm_params)
     scheduler.set_timesteps(50)
