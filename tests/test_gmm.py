@@ -1,6 +1,7 @@
 """The kernel's identities (METHOD.md), its statistics, clipping, and its bad arguments."""
 
 import itertools
+from unittest.mock import MagicMock
 
 import pytest
 import torch
@@ -261,3 +262,23 @@ def test_perturbation_of_a_sample_does_not_depend_on_its_batch(construction):
     together = gmm.perturbation(0, 0.8, z, k)
     for b in range(7):
         assert torch.equal(gmm.perturbation(0, 0.8, z[b : b + 1], k[b : b + 1])[0], together[b])
+
+
+def test_component_draws_follow_the_generators_device(monkeypatch):
+    """A CPU GMM() with a CUDA generator draws its uniforms on the generator's device (a generator
+    cannot draw anywhere else), then moves them. Mimicked on CPU: a generator that reports cuda:0."""
+    import ddim_gmm_exp.noise as noise
+
+    cuda_generator = MagicMock(spec=torch.Generator)
+    cuda_generator.device = torch.device("cuda", 0)
+    calls = []
+
+    def fake_rand(shape, generator=None, device=None, dtype=None):
+        calls.append((generator, torch.device(device)))
+        return torch.full(shape, 0.5, dtype=dtype)
+
+    monkeypatch.setattr(noise.torch, "rand", fake_rand)
+    gmm = GMM().initialize(dim=16, n_components=4, n_steps=1)
+    components = gmm.draw_components(0, 3, cuda_generator)
+    assert calls == [(cuda_generator, torch.device("cuda", 0))]
+    assert components.device == gmm.device and components.tolist() == [2, 2, 2]
