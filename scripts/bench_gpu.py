@@ -31,6 +31,7 @@ from ddim_gmm_exp.gmm import GMM
 from ddim_gmm_exp.metrics import MetricSuite
 from ddim_gmm_exp.models.pretrained import PretrainedAdapter, ddpm_cifar10_unet
 from ddim_gmm_exp.module import SamplingModule, SamplingPlan
+from ddim_gmm_exp.samplers import DiffusionSchedule, ddim, ddim_gmm
 
 SD_SCHEDULE = dict(
     beta_schedule="scaled_linear",
@@ -155,11 +156,12 @@ def runner_path(adapter, batch, steps, guidance, gmm_components, device):
     gmm = None  # gmm_components: 0 = DDIM eta 0, -1 = DDIM eta 1 (per-sample noise, no GMM), K > 0 = DDIM-GMM
     if gmm_components > 0:
         gmm = GMM().initialize(dim=adapter.dim, n_components=gmm_components, n_steps=steps)
-    plan = SamplingPlan.from_scheduler(
-        scheduler,
-        eta=1.0 if gmm_components else 0.0,
-        guidance_scale=guidance,
+    plan = SamplingPlan(
+        sampler=ddim_gmm if gmm is not None else ddim,
+        schedule=DiffusionSchedule.from_scheduler(scheduler),
+        options={"eta": 1.0 if gmm_components else 0.0},
         gmm=gmm,
+        guidance_scale=guidance,
         prompts=["a prompt"] if adapter.context is not None else None,
     )
     module = SamplingModule(adapter, plan, MetricSuite()).to(device)

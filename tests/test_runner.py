@@ -51,7 +51,7 @@ def test_every_config_option_composes(group, option, tmp_path, cache_dir):
 
 def test_optuna_search_and_slurm_launcher_compose(tmp_path, cache_dir):
     search = compose_config(["hparams_search=gmm_optuna"], tmp_path, cache_dir)
-    assert search.optimized_metric == "fid_digits" and search.sampler.use_gmm
+    assert search.optimized_metric == "fid_digits" and search.sampler.function.endswith(".ddim_gmm")
     assert "gmm.n_components" in search.hydra.sweeper.params
     slurm = compose_config(["hydra/launcher=slurm"], tmp_path, cache_dir)
     assert slurm.hydra.launcher.gpus_per_node == 8
@@ -142,6 +142,13 @@ def test_guidance_and_unconditional_sampling(tmp_path, cache_dir):
     assert not (tmp_path / "cond" / "samples").exists()
 
 
+def test_a_small_run_skips_fid_with_a_note(tmp_path, cache_dir):
+    cfg = compose_config([*SMALL, "data.num_samples=50", "logger=none"], tmp_path, cache_dir)
+    results = run(cfg)
+    assert "fid" not in results["metrics"] and len(pngs(tmp_path)) == 50
+    assert results["fid_skipped"].startswith("data.num_samples=50 is below metrics.fid.min_samples=100")
+
+
 def test_matched_gmm_with_eta_zero_warns(tmp_path, cache_dir):
     cfg = compose_config(
         [*SMALL, "variant=matched_diagonal", "sampler.eta=0.0", "gmm.scale=0.5", "logger=none"], tmp_path, cache_dir
@@ -187,8 +194,8 @@ def test_resume_after_a_killed_run(tmp_path, cache_dir):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((killed_dir / "samples").glob("*.png"))) < 300:
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((killed_dir / "samples").glob("[0-9]*[0-9].png"))) < 300:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -201,8 +208,10 @@ def test_resume_after_a_killed_run(tmp_path, cache_dir):
     other = run_cli([*args, "sampler.eta=0.5", "resume=true", f"hydra.run.dir={killed_dir}"])
     assert other.returncode == 2 and "holds a run of another config" in other.stderr
 
-    resumed = run_cli([*args, "resume=true", f"hydra.run.dir={killed_dir}"])
+    # the run's own overrides are restored from the run dir: resume=true and the dir are enough
+    resumed = run_cli(["resume=true", f"hydra.run.dir={killed_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resume: restored the run's overrides model=toy data.num_samples=3000" in resumed.stderr
     results = results_of(killed_dir)
     assert results["sampled_this_run"] == 3000 - partial
     assert len(list((killed_dir / "samples").glob("*.png"))) == 3000  # every index once, no leftovers
@@ -311,8 +320,13 @@ def test_wandb_offline_run_holds_config_fid_and_grid(tmp_path, cache_dir):
     config = {
         item.key: item.value_json
         for r in records
-        if r.WhichOneof("record_type") == "run"
-        for item in r.run.config.update
+        for item in (
+            r.run.config.update
+            if r.WhichOneof("record_type") == "run"
+            else r.config.update
+            if r.WhichOneof("record_type") == "config"
+            else []
+        )
     }
     assert json.loads(config["sampler"])["name"] == "ddim_gmm" and "gmm" in config
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/samples_*.png"))
@@ -342,7 +356,6 @@ def test_wandb_offline_run_holds_config_fid_and_grid(tmp_path, cache_dir):
             ["data.num_samples=1", "trainer=ddp_sim", "metrics.fid.enabled=false"],
             "data.num_samples=1 is fewer than the 2 ranks",
         ),
-        (["data.num_samples=50"], "below metrics.fid.min_samples=100"),
         (["data.prompts_file=/nonexistent/prompts.txt"], "data.prompts_file='/nonexistent/prompts.txt' cannot be read"),
         (["data.labels=[3,12]"], r"class ids must lie in \[0, 9\]"),
         (["model.path=/nonexistent/model"], "model.path='/nonexistent/model' does not exist"),
@@ -352,6 +365,9 @@ def test_wandb_offline_run_holds_config_fid_and_grid(tmp_path, cache_dir):
             "metrics.fid.weights_path='/nonexistent/w.pth' does not exist",
         ),
         (["logger.mode=sometimes"], "logger.mode='sometimes' is not allowed"),
+        (["+sampler.temperature=0.9"], "sampler.temperature=0.9 is not an option of sampler=ddim: its options are eta"),
+        (["sampler=ddim_gmm", "+sampler.gmm=1"], "sampler.gmm=1 is not an option of sampler=ddim_gmm"),
+        (["model=digits_flow"], "sampler=ddim walks a diffusion schedule but model=digits_flow is a flow model"),
     ],
 )
 def test_bad_input_is_refused_before_sampling(overrides, message, tmp_path, cache_dir):

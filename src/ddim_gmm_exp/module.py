@@ -1,21 +1,20 @@
 """The Lightning predict loop: sample a shard of global indices, decode, score, save PNGs.
 
-Every rank runs predict_step on its shard; metrics are updated on every rank and computed on
-every rank at the end (compute() is a collective); global rank 0 then reports (results.json,
-logger). Lightning's ``self.log`` is refused in predict, so nothing here uses it.
+Every rank runs predict_step on its shard with the plan's sampler function; metrics are updated
+on every rank and computed on every rank at the end (compute() is a collective); global rank 0's
+callbacks.ReportResults then writes results.json and logs. Lightning's ``self.log`` is refused in
+predict, so nothing here uses it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ddim_gmm_exp.data import labels_of, prompts_of, sample_seeds
 from ddim_gmm_exp.gmm import GMM
@@ -23,40 +22,25 @@ from ddim_gmm_exp.images import load_png, png_path, save_png, to_uint8
 from ddim_gmm_exp.metrics import MetricSuite
 from ddim_gmm_exp.models.base import ModelAdapter
 from ddim_gmm_exp.noise import randn, sample_generators
-from ddim_gmm_exp.sampling import classifier_free_guidance, sample_ddim, x0_options
+from ddim_gmm_exp.samplers import Sampler, Schedule
+from ddim_gmm_exp.sampling import classifier_free_guidance
 
 
 @dataclass
 class SamplingPlan:
-    """What to sample: the timesteps and schedule, the kernel, guidance, and the index meanings."""
+    """What to sample: the sampler function, its schedule, options and kernel, guidance, and what
+    each global index means (seed, label, prompt)."""
 
-    timesteps: list[int]
-    alphas_cumprod: torch.Tensor
-    final_abar: torch.Tensor
-    eta: float
-    prediction_type: str
-    step_options: dict[str, Any]
-    guidance_scale: float = 1.0
+    sampler: Sampler
+    schedule: Schedule
+    options: dict[str, Any] = field(default_factory=dict)
     gmm: GMM | None = None
+    guidance_scale: float = 1.0
     base_seed: int = 0
     labels: list[int] | None = None
     prompts: list[str] | None = None
     sample_dir: Path | None = None
     resumed_indices: list[int] = field(default_factory=list)
-
-    @classmethod
-    def from_scheduler(cls, scheduler: Any, eta: float, **kwargs: Any) -> SamplingPlan:
-        """The plan of a diffusers DDIMScheduler after set_timesteps: its timesteps, schedule,
-        prediction type and x0 clipping / thresholding settings."""
-        return cls(
-            timesteps=scheduler.timesteps.tolist(),
-            alphas_cumprod=scheduler.alphas_cumprod,
-            final_abar=scheduler.final_alpha_cumprod,
-            eta=float(eta),
-            prediction_type=scheduler.config.prediction_type,
-            step_options=x0_options(scheduler.config),
-            **kwargs,
-        )
 
 
 class SamplingModule(L.LightningModule):
@@ -67,14 +51,14 @@ class SamplingModule(L.LightningModule):
         adapter: ModelAdapter,
         plan: SamplingPlan,
         metrics: MetricSuite,
-        report: Callable[[dict[str, float], dict[str, Any], list[torch.Tensor], Any], None] | None = None,
     ) -> None:
         super().__init__()
         self.adapter = adapter
         self.plan = plan
         self.metrics = metrics
-        self.report = report
         self.results: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
+        self.grid: list[torch.Tensor] = []
         self._gmm_on_device: GMM | None = None
         self._seconds = 0.0
         self._count = 0
@@ -118,18 +102,8 @@ class SamplingModule(L.LightningModule):
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return classifier_free_guidance(adapter.model_output, x, t, cond, uncond, plan.guidance_scale)
 
-        return sample_ddim(
-            denoise,
-            x,
-            plan.timesteps,
-            plan.alphas_cumprod,
-            plan.final_abar,
-            eta=plan.eta,
-            gmm=self._gmm_on_device,
-            generator=generators,
-            prediction_type=plan.prediction_type,
-            **plan.step_options,
-        )
+        kernel = {"gmm": self._gmm_on_device} if plan.gmm is not None else {}
+        return plan.sampler(denoise, x, plan.schedule, generator=generators, **plan.options, **kernel)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         indices = batch.cpu()
@@ -155,13 +129,13 @@ class SamplingModule(L.LightningModule):
         stats = self.run_stats(
             int(count), float(seconds), self.trainer.world_size, type(self.trainer.accelerator).__name__
         )
-        self.finish(metrics, stats, gather_objects(self.first_images, self.trainer.world_size), self.trainer.logger)
+        self.finish(metrics, stats, gather_objects(self.first_images, self.trainer.world_size))
 
-    def score_without_sampling(self, logger: Any) -> None:
+    def score_without_sampling(self) -> None:
         """Every sample is already on disk (a resumed run that was killed after its last PNG)."""
         self.metrics.reset_and_load_reference(0)
         self._score_resumed_images()
-        self.finish(self.metrics.compute(), self.run_stats(0, 0.0, 1, "none"), [self.first_images], logger)
+        self.finish(self.metrics.compute(), self.run_stats(0, 0.0, 1, "none"), [self.first_images])
 
     def run_stats(self, count: int, seconds: float, world_size: int, accelerator: str) -> dict[str, Any]:
         """What this run sampled, how fast, on what (seconds per step from this rank's timings)."""
@@ -169,17 +143,16 @@ class SamplingModule(L.LightningModule):
             "sampled_this_run": count,
             "sampling_seconds": seconds,
             "images_per_second": count / seconds if seconds else None,
-            "seconds_per_step": self._seconds / max(1, self._batches * len(self.plan.timesteps)),
+            "seconds_per_step": self._seconds / max(1, self._batches * self.plan.schedule.num_steps),
             "devices": world_size,
             "accelerator": accelerator,
         }
 
-    def finish(self, metrics: dict[str, float], stats: dict[str, Any], grid_parts: list[list], logger: Any) -> None:
-        """Keep the metrics and the first 64 images, and report on rank 0."""
-        self.results = metrics
+    def finish(self, metrics: dict[str, float], stats: dict[str, Any], grid_parts: list[list]) -> None:
+        """Keep the metrics, the run's statistics and the first 64 images (callbacks.ReportResults
+        writes them out on rank 0)."""
+        self.results, self.stats = metrics, stats
         self.grid = [img for _, img in sorted((p for part in grid_parts for p in part), key=lambda p: p[0])][:64]
-        if self.global_rank == 0 and self.report is not None:
-            self.report(metrics, stats, self.grid, logger)
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
@@ -189,21 +162,3 @@ def gather_objects(obj: Any, world_size: int) -> list[Any]:
     gathered: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
-
-
-class ImagesPerSecondBar(TQDMProgressBar):
-    """Lightning's progress bar, with this rank's images per second in the predict bar."""
-
-    def on_predict_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        seconds = getattr(pl_module, "_seconds", 0.0)
-        if self.predict_progress_bar is not None and seconds > 0:
-            self.predict_progress_bar.set_postfix({"img/s": f"{pl_module._count / seconds:.1f}"})

@@ -1,33 +1,32 @@
-"""Build a run from its composed config, check it, sample with Lightning, report.
+"""One run, as a straight line: resolve -> check -> build -> predict -> report.
 
-    config -> model adapter + timesteps + GMM -> dataset of global indices -> Trainer.predict
-    (sharded over ranks) -> per-sample generators -> sample loop -> decode -> images -> metrics
-    -> rank 0: results.json, grid.png, logger (W&B scalars, image grid, table)
+    cfg --config.resolve_run--> RunSpec --checks--> adapter, sampling plan, metrics, trainer
+    --Trainer.predict (sharded over ranks)--> SamplingModule --> callbacks.ReportResults
 
-Every check on the user's input runs here, before any sampling, and raises ConfigError.
+The composed config is read once, by :func:`ddim_gmm_exp.config.resolve_run`; nothing below
+this module sees it. Every check on the user's input is in :mod:`ddim_gmm_exp.checks`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from ddim_gmm_exp import checks
+from ddim_gmm_exp.callbacks import FinishWandb, ImagesPerSecondBar, ReportResults, finish_wandb
+from ddim_gmm_exp.config import MetricsSpec, ModelSpec, RunSpec, resolve_run, sweep_group
 from ddim_gmm_exp.data import SampleIndexDataset, read_prompts, resolve_labels
 from ddim_gmm_exp.diffusers import DDIMScheduler
 from ddim_gmm_exp.errors import ConfigError
-from ddim_gmm_exp.gmm import GMM, GMMHyperparameters, variant_name
-from ddim_gmm_exp.images import image_grid, save_png
+from ddim_gmm_exp.gmm import GMM, variant_name
 from ddim_gmm_exp.metrics import (
     MetricSuite,
     cached_reference,
@@ -38,310 +37,85 @@ from ddim_gmm_exp.metrics import (
     make_fid,
 )
 from ddim_gmm_exp.models.base import ModelAdapter
-from ddim_gmm_exp.module import ImagesPerSecondBar, SamplingModule, SamplingPlan
-from ddim_gmm_exp.sampling import PREDICTION_TYPES, ddim_sigmas, warn_if_gmm_is_inert
+from ddim_gmm_exp.module import SamplingModule, SamplingPlan
+from ddim_gmm_exp.samplers import DiffusionSchedule, FlowSchedule, Schedule, kernel_sigmas
+from ddim_gmm_exp.sampling import warn_if_gmm_is_inert
 
 log = logging.getLogger(__name__)
 
-SPACINGS = ("leading", "trailing", "linspace")
-RUN_CONFIG_FILE = "run_config.json"
 RESULTS_FILE = "results.json"
+OVERRIDES_FILE = "run_overrides.json"
 DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "prompts.txt"
 
 
-# ----------------------------------------------------------------------------------- checks
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Sample, score and report one composed config; returns the results (also in results.json)."""
+    return run_spec(resolve_run(cfg, task_overrides(), sweep_group()))
 
 
-def check_number(name: str, value: Any, minimum: float, maximum: float | None = None, integer: bool = False) -> None:
-    kind = "an integer" if integer else "a number"
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    ok = ok and not isinstance(value, bool) and value >= minimum and (maximum is None or value <= maximum)
-    if not ok:
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ConfigError(f"{name}={value!r} is not allowed: it must be {kind} {allowed}")
+def run_spec(spec: RunSpec) -> dict[str, Any]:
+    """Sample, score and report one resolved run."""
+    started = time.time()
+    checks.check_run(spec, in_multirun=spec.output.sweep_group is not None)
+    original = duplicate_job(spec)
+    if original is not None:
+        return skip_as_duplicate(spec.output.output_dir, original)
+    todo, done = checks.indices_to_sample(spec)
+    log.info("output dir: %s", spec.output.output_dir)
 
+    adapter = build_adapter(spec.model)
+    checks.check_model_fit(spec, adapter)
+    prompts = prompts_for(spec, adapter)
+    metrics, notes = build_metrics(spec.metrics, spec.model, adapter, spec.data.num_samples, spec.data.seed)
+    checks.check_prompts_for_metrics(metrics.needs_prompts, prompts is not None, spec.model.name)
+    plan = build_plan(spec, adapter, prompts, done)
+    write_run_files(spec)
 
-def world_size(trainer_cfg: DictConfig) -> int:
-    """Ranks the trainer config asks for (devices x nodes); -1/'auto' devices count what exists."""
-    devices = trainer_cfg.get("devices", 1)
-    if devices in (-1, "auto", "-1"):
-        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
-    if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
-        devices = len(devices)
-    return max(1, int(devices)) * int(trainer_cfg.get("num_nodes", 1))
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Checks that need nothing but the config."""
-    sampler, data = cfg.sampler, cfg.data
-    check_number("data.batch_size", data.batch_size, 1, integer=True)
-    check_number("data.num_samples", data.num_samples, 1, integer=True)
-    check_number("data.seed", data.seed, 0, integer=True)
-    check_number("sampler.steps", sampler.steps, 1, integer=True)
-    check_number("sampler.eta", sampler.eta, 0)
-    check_number("sampler.guidance_scale", sampler.guidance_scale, 0)
-    if sampler.timestep_spacing not in SPACINGS:
-        raise ConfigError(
-            f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not allowed: choose one of {SPACINGS}"
-        )
-    ranks = world_size(cfg.trainer)
-    if data.num_samples < ranks:
-        raise ConfigError(
-            f"data.num_samples={data.num_samples} is fewer than the {ranks} ranks of the trainer: "
-            f"sample at least {ranks}"
-        )
-    fid = cfg.metrics.fid
-    if fid.enabled and data.num_samples < fid.min_samples:
-        raise ConfigError(
-            f"data.num_samples={data.num_samples} is below metrics.fid.min_samples={fid.min_samples}: "
-            "FID on fewer samples is not reported; raise num_samples or set metrics.fid.enabled=false"
-        )
-    if sampler.use_gmm:
-        try:
-            gmm_hyperparameters(cfg, dim=1).validate(with_dim=False)
-        except ValueError as err:
-            raise ConfigError(f"gmm: {err}") from err
-
-
-def gmm_hyperparameters(cfg: DictConfig, dim: int) -> GMMHyperparameters:
-    return GMMHyperparameters(dim=dim, n_steps=cfg.sampler.steps, **OmegaConf.to_container(cfg.gmm, resolve=True))
-
-
-# ----------------------------------------------------------------------------------- builders
-
-
-def build_adapter(cfg: DictConfig) -> ModelAdapter:
-    path = cfg.model.get("path")
-    if path is not None and not Path(path).exists():
-        raise ConfigError(f"model.path={path!r} does not exist: give a local model directory or a hub id")
-    return instantiate(cfg.model.adapter)
-
-
-def instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, passing our ConfigErrors through unwrapped (one clear line)."""
-    try:
-        return hydra.utils.instantiate(node, **kwargs)
-    except hydra.errors.InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
-
-
-def build_scheduler(adapter: ModelAdapter, sampler_cfg: DictConfig) -> DDIMScheduler:
-    """Timesteps and schedule from the model's scheduler config, with the run's spacing."""
-    config = dict(adapter.scheduler_config) | {"timestep_spacing": sampler_cfg.timestep_spacing}
-    scheduler = DDIMScheduler.from_config(config)
-    if scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(
-            f"the model's prediction_type={scheduler.config.prediction_type!r} is not one of {PREDICTION_TYPES}"
-        )
-    total = scheduler.config.num_train_timesteps
-    if sampler_cfg.steps > total:
-        raise ConfigError(
-            f"sampler.steps={sampler_cfg.steps} is not allowed: the model was trained with {total} "
-            f"timesteps, so steps must lie in [1, {total}]"
-        )
-    scheduler.set_timesteps(sampler_cfg.steps)
-    return scheduler
-
-
-def build_gmm(cfg: DictConfig, adapter: ModelAdapter) -> GMM | None:
-    if not cfg.sampler.use_gmm:
-        return None
-    hp = gmm_hyperparameters(cfg, adapter.dim)
-    try:
-        hp.validate()
-    except ValueError as err:
-        raise ConfigError(f"gmm: {err} (model={cfg.model.name} samples D={adapter.dim})") from err
-    gmm = GMM().initialize(**vars(hp))
-    log.info("GMM kernel: %s", gmm)
-    warn_if_gmm_is_inert(gmm, cfg.sampler.eta, stacklevel=2)
-    return gmm
-
-
-def build_metrics(cfg: DictConfig, adapter: ModelAdapter) -> MetricSuite:
-    fid_cfg = cfg.metrics.fid
-    extras = {}
-    fid = reference = None
-    if fid_cfg.enabled:
-        features = fid_cfg.features or ("model" if cfg.model.get("features") is not None else "inception")
-        if features == "model":
-            if cfg.model.get("features") is None:
-                raise ConfigError(
-                    f"metrics.fid.features='model' but model={cfg.model.name} brings no feature "
-                    "extractor: use metrics.fid.features=inception"
-                )
-            extractor = instantiate(cfg.model.features)
-        elif features == "inception":
-            extractor = 2048
-        else:
-            raise ConfigError(
-                f"metrics.fid.features={fid_cfg.features!r} is not allowed: choose 'model' or 'inception'"
-            )
-        fid = make_fid(extractor, fid_cfg.weights_path)
-        shipped = adapter.reference_stats if features == "model" else None
-        if fid_cfg.reference is not None and Path(fid_cfg.reference).is_dir():
-            path = folder_reference(fid_cfg.reference, extractor, cfg.paths.cache_dir, fid_cfg.weights_path)
-            source, reference = f"of the images in {fid_cfg.reference!r}", load_reference(path)
-        elif fid_cfg.reference is not None:
-            source = f"in {fid_cfg.reference!r}"
-            reference = load_reference(fid_cfg.reference)
-        elif shipped is not None:
-            source, reference = f"in {str(shipped)!r}", load_reference(shipped)
-        else:
-            path = cached_reference(
-                adapter,
-                extractor,
-                OmegaConf.to_yaml(cfg.model),
-                cfg.paths.cache_dir,
-                fid_cfg.reference_samples,
-                fid_cfg.weights_path,
-            )
-            source, reference = f"in {str(path)!r}", load_reference(path)
-        check_reference(*reference, feature_dim(extractor), source)
-    extra_cfgs = {**(cfg.model.get("extra_metrics") or {}), **(cfg.metrics.get("extra") or {})}
-    for name, metric_cfg in extra_cfgs.items():
-        if metric_cfg is not None and metric_cfg.get("enabled", True):
-            extras[name] = instantiate(metric_cfg.factory, adapter=adapter)
-    return MetricSuite(fid, reference, fid_name=cfg.model.get("fid_name", "fid"), extras=extras, seed=cfg.data.seed)
-
-
-def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """What decides the samples: a resumed run must match it. gmm.* only where the sampler uses it."""
-    keep = {k: cfg[k] for k in ("model", "sampler") if k in cfg}
-    if cfg.sampler.use_gmm:
-        keep["gmm"] = cfg.gmm
-    keep["data"] = {k: v for k, v in cfg.data.items() if k != "batch_size"}
-    return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
-
-
-def indices_to_sample(cfg: DictConfig, output_dir: Path, sample_dir: Path) -> tuple[list[int], list[int]]:
-    """(to sample, already sampled). A fresh run refuses an output dir that holds samples."""
-    every = list(range(cfg.data.num_samples))
-    fingerprint_file = output_dir / RUN_CONFIG_FILE
-    fingerprint = run_fingerprint(cfg)
-    existing = (
-        {int(p.stem) for p in sample_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")} if sample_dir.is_dir() else set()
+    reporter = ReportResults(spec.output.output_dir, run_metadata(spec, plan, notes), started)
+    trainer = build_trainer(spec, reporter)
+    module = SamplingModule(adapter, plan, metrics)
+    log.info(
+        "sampling %d of %d samples (%d already on disk) with %s, %d steps",
+        len(todo),
+        spec.data.num_samples,
+        len(done),
+        spec.sampler.name,
+        plan.schedule.num_steps,
     )
-    if cfg.resume:
-        if fingerprint_file.is_file():
-            saved = json.loads(fingerprint_file.read_text())
-            if saved != fingerprint:
-                changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-                raise ConfigError(
-                    f"resume=true but {output_dir} holds a run of another config (differs in {changed}): "
-                    "resume with the same overrides or pick a new output dir"
-                )
-        elif existing:
-            raise ConfigError(
-                f"resume=true but {output_dir} has samples and no {RUN_CONFIG_FILE}: cannot check its config"
-            )
-    elif existing:
-        raise ConfigError(
-            f"{sample_dir} already holds {len(existing)} samples: pass resume=true to finish that run, "
-            "or choose another hydra.run.dir (nothing was overwritten)"
-        )
-    done = sorted(i for i in existing if i < cfg.data.num_samples)
-    todo = [i for i in every if i not in existing]
-    return todo, done
+    predict(spec, trainer, module, reporter, todo)
+    if trainer.global_rank != 0:  # plain ddp runs this function on every rank; rank 0 reports
+        return {}
+    results_file = spec.output.output_dir / RESULTS_FILE
+    if not results_file.is_file():
+        raise RuntimeError(f"the run ended without writing {results_file}")
+    results = json.loads(results_file.read_text())
+    log.info("results: %s", json.dumps(results["metrics"]))
+    log.info("output dir: %s", spec.output.output_dir)
+    return results
 
 
-def loggable_config(cfg: DictConfig) -> dict[str, Any]:
-    """The full composed config, resolved, without Hydra's own node."""
-    return {
-        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-        for k, v in cfg.items()
-        if k != "hydra"
-    }
-
-
-def build_logger(cfg: DictConfig, output_dir: Path, group: str | None) -> Any:
-    name = cfg.logger.name
-    if name == "none":
-        return False
-    if name == "csv":
-        return L.pytorch.loggers.CSVLogger(save_dir=str(output_dir), name="csv", version="")
-    if name == "wandb":
-        if cfg.logger.mode not in ("offline", "online", "disabled"):
-            raise ConfigError(f"logger.mode={cfg.logger.mode!r} is not allowed: choose offline, online or disabled")
-        os.environ.setdefault("WANDB_SILENT", "true")
-        return L.pytorch.loggers.WandbLogger(
-            project=cfg.logger.project,
-            entity=cfg.logger.get("entity"),
-            group=group,
-            name=cfg.logger.get("run_name"),
-            save_dir=str(output_dir),
-            offline=cfg.logger.mode == "offline",
-            mode=cfg.logger.mode,
-            config=loggable_config(cfg),
-        )
-    raise ConfigError(f"logger.name={name!r} is not allowed: choose wandb, csv or none")
-
-
-# ----------------------------------------------------------------------------------- report
-
-
-def make_report(cfg: DictConfig, output_dir: Path, meta: dict[str, Any], started: float):
-    """Rank 0's report: results.json, grid.png and the logger's scalars, grid and table."""
-
-    def report(metrics: dict[str, float], stats: dict[str, Any], grid: list[torch.Tensor], logger: Any) -> None:
-        results = meta | {"metrics": metrics, "num_samples": cfg.data.num_samples, "seconds": time.time() - started}
-        results |= stats
-        if grid:
-            save_png(image_grid(torch.stack(grid)), output_dir / "grid.png")
-        if logger:
-            logger.log_metrics(
-                results["metrics"]
-                | {
-                    "images_per_second": results["images_per_second"] or 0.0,
-                    "seconds_per_step": results["seconds_per_step"],
-                }
-            )
-            if isinstance(logger, L.pytorch.loggers.WandbLogger):
-                if grid:
-                    logger.log_image("samples", [str(output_dir / "grid.png")], caption=["first 64 samples"])
-                row = [
-                    meta["sampler"],
-                    meta["steps"],
-                    meta["eta"],
-                    meta.get("n_components"),
-                    *results["metrics"].values(),
-                ]
-                logger.log_table(
-                    "results", columns=["sampler", "steps", "eta", "n_components", *results["metrics"]], data=[row]
-                )
-            logger.save()
-        tmp = output_dir / (RESULTS_FILE + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(output_dir / RESULTS_FILE)
-        log.info("results: %s", json.dumps(results["metrics"]))
-
-    return report
-
-
-def sweep_group() -> str | None:
-    """The W&B group of a multirun's jobs: the sweep directory's name (None for single runs)."""
+def predict(spec: RunSpec, trainer: Any, module: SamplingModule, reporter: ReportResults, todo: list[int]) -> None:
+    """Trainer.predict over the indices still to sample; the W&B run is finished whatever happens,
+    and an interrupted run says how to resume it."""
+    warnings.filterwarnings("ignore", message="predict returned None")  # predict_step returns nothing on purpose
+    loader = DataLoader(SampleIndexDataset(todo), batch_size=spec.data.batch_size, shuffle=False)
+    failed = True
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+        if todo:
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+        else:
+            module.score_without_sampling()
+            reporter.report(module, trainer.logger)
+        failed = False
+    except BaseException:
+        if spec.output.save_images:
+            log.error("interrupted: resume with  python run.py resume=true hydra.run.dir=%s", spec.output.output_dir)
+        raise
+    finally:
+        finish_wandb(error=failed)
 
-        hydra_cfg = HydraConfig.get()
-    except (ValueError, ImportError):
-        return None
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return f"{hydra_cfg.job.name}-{Path(hydra_cfg.sweep.dir).name}"
 
-
-def gmm_clipping(gmm: GMM | None, plan: SamplingPlan) -> float | None:
-    """The fraction of (step, coordinate) component variances clipped at 0 in this run (paper A.5)."""
-    if gmm is None:
-        return None
-    sigmas = ddim_sigmas(plan.alphas_cumprod, plan.timesteps, plan.final_abar, plan.eta)
-    return gmm.clipped_fraction(sigmas, plan.eta)
+# ----------------------------------------------------------------------------------- hydra context
 
 
 def task_overrides() -> list[str]:
@@ -354,38 +128,22 @@ def task_overrides() -> list[str]:
         return []
 
 
-def in_multirun() -> bool:
-    return sweep_group() is not None
+# ----------------------------------------------------------------------------------- sweeps
 
 
-def unused_gmm_overrides(cfg: DictConfig) -> list[str]:
-    """gmm.* overrides of a job whose sampler uses no GMM (they would change nothing)."""
-    if cfg.sampler.use_gmm:
-        return []
-    return [o for o in task_overrides() if o.lstrip("+~").startswith("gmm.")]
-
-
-def check_gmm_overrides_apply(cfg: DictConfig) -> None:
-    """A gmm.* setting that the sampler does not use is an error in a single run. In a sweep
-    (``-m sampler=ddim,ddim_gmm gmm.n_components=4,8``) such DDIM jobs run once (see duplicate_job)."""
-    unused = unused_gmm_overrides(cfg)
-    if unused and not in_multirun():
-        raise ConfigError(
-            f"{unused[0]} is set but sampler={cfg.sampler.name} uses no GMM: add sampler=ddim_gmm "
-            "(or a GMM variant, e.g. variant=ortho_vub), or drop the gmm.* override"
-        )
-
-
-def duplicate_job(cfg: DictConfig, output_dir: Path) -> Path | None:
-    """In a sweep, an earlier job of the same sweep whose samples this job would repeat exactly:
-    a sampler without a GMM whose jobs differ only in gmm.* overrides. None if there is none."""
-    if not unused_gmm_overrides(cfg) or not in_multirun():
+def duplicate_job(spec: RunSpec) -> Path | None:
+    """In a sweep, an earlier job whose samples this one would repeat exactly: a sampler without a
+    GMM whose jobs differ only in gmm.* overrides. None if there is none."""
+    if spec.sampler.uses_gmm or not spec.sampler.gmm_overrides or spec.output.sweep_group is None:
         return None
-    fingerprint = run_fingerprint(cfg)
+    output_dir = spec.output.output_dir
+    fingerprint = json.loads(json.dumps(spec.fingerprint()))
+    if not output_dir.parent.is_dir():
+        return None
     for sibling in sorted(output_dir.parent.iterdir()):
         if sibling == output_dir or not (sibling / RESULTS_FILE).is_file():
             continue
-        saved = sibling / RUN_CONFIG_FILE
+        saved = sibling / checks.RUN_CONFIG_FILE
         if saved.is_file() and json.loads(saved.read_text()) == fingerprint:
             return sibling
     return None
@@ -400,136 +158,190 @@ def skip_as_duplicate(output_dir: Path, original: Path) -> dict[str, Any]:
     return json.loads((original / RESULTS_FILE).read_text())
 
 
-def run_metadata(cfg: DictConfig, conditional: bool, gmm: GMM | None, plan: SamplingPlan) -> dict[str, Any]:
-    return {
-        "overrides": task_overrides(),
-        "variant": variant_name(gmm.hparams) if gmm is not None else "DDIM",
-        "model": cfg.model.name,
-        "sampler": cfg.sampler.name,
-        "steps": cfg.sampler.steps,
-        "eta": cfg.sampler.eta,
-        "guidance_scale": cfg.sampler.guidance_scale,
-        "conditional": conditional,
-        "n_components": cfg.gmm.n_components if cfg.sampler.use_gmm else None,
-        "construction": cfg.gmm.construction if cfg.sampler.use_gmm else None,
-        "orthonormal": cfg.gmm.orthonormal if cfg.sampler.use_gmm else None,
-        "upper_bound_vars": cfg.gmm.upper_bound_vars if cfg.sampler.use_gmm else None,
-        "share_across_steps": cfg.gmm.share_across_steps if cfg.sampler.use_gmm else None,
-        "gmm_scale": cfg.gmm.scale if cfg.sampler.use_gmm else None,
-        "gmm_clipped_fraction": gmm_clipping(gmm, plan),
-        "gmm_memory_bytes": gmm.memory_bytes if gmm is not None else None,
-        "seed": cfg.data.seed,
-    }
+# ----------------------------------------------------------------------------------- builders
 
 
-# ----------------------------------------------------------------------------------- run
+def instantiate(node: dict[str, Any], **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, passing our ConfigErrors through unwrapped (one clear line)."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except hydra.errors.InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Sample, score and report one configuration; returns the results (also in results.json)."""
-    started = time.time()
-    check_config(cfg)
-    check_gmm_overrides_apply(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    sample_dir = output_dir / "samples"
-    original = duplicate_job(cfg, output_dir)
-    if original is not None:
-        return skip_as_duplicate(output_dir, original)
-    adapter = build_adapter(cfg)
-    scheduler = build_scheduler(adapter, cfg.sampler)
-    labels = resolve_labels(cfg.data.labels, adapter.num_classes)
-    if cfg.sampler.guidance_scale == 0:  # out_u + 0 (out_c - out_u): the unconditional model, run as such
-        labels = None
-    if labels is not None and cfg.sampler.guidance_scale != 1.0 and adapter.null_label is None:
-        raise ConfigError(
-            f"sampler.guidance_scale={cfg.sampler.guidance_scale} needs a null class, and "
-            f"model={cfg.model.name} has none: use sampler.guidance_scale=1.0"
-        )
-    prompts = read_prompts(cfg.data.prompts_file)
+def build_adapter(model: ModelSpec) -> ModelAdapter:
+    return instantiate(model.adapter)
+
+
+def prompts_for(spec: RunSpec, adapter: ModelAdapter) -> list[str] | None:
+    """The run's prompts: data.prompts_file, else the shipped defaults for a text-to-image model."""
+    prompts = read_prompts(spec.data.prompts_file)
     if adapter.takes_prompts and prompts is None:
         prompts = read_prompts(str(DEFAULT_PROMPTS))
         log.info("no data.prompts_file: using the %d prompts of %s", len(prompts), DEFAULT_PROMPTS)
-    todo, done = indices_to_sample(cfg, output_dir, sample_dir)
-    ranks = world_size(cfg.trainer)
-    if 0 < len(todo) < ranks:
-        raise ConfigError(
-            f"only {len(todo)} samples are left to resume, fewer than the {ranks} ranks of the "
-            "trainer: resume with trainer=cpu (or fewer devices)"
-        )
-    metrics = build_metrics(cfg, adapter)
-    if metrics.needs_prompts and prompts is None:
-        raise ConfigError(
-            f"a metric needs prompts (CLIP score) but model={cfg.model.name} samples none: "
-            "drop it (metrics=default) or use a text-to-image model with data.prompts_file"
-        )
-    gmm = build_gmm(cfg, adapter)
-    logger = build_logger(cfg, output_dir, cfg.logger.get("group") or sweep_group())
+    return prompts
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RUN_CONFIG_FILE).write_text(json.dumps(run_fingerprint(cfg), indent=2))
-    if cfg.save_images:
-        sample_dir.mkdir(exist_ok=True)
-    plan = SamplingPlan.from_scheduler(
-        scheduler,
-        eta=cfg.sampler.eta,
-        guidance_scale=float(cfg.sampler.guidance_scale),
-        gmm=gmm,
-        base_seed=cfg.data.seed,
+
+def build_schedule(spec: RunSpec, adapter: ModelAdapter) -> Schedule:
+    """The time grid: the adapter's flow sigmas, or diffusers' DDIM timesteps with the run's spacing
+    (stepping to the next listed timestep, right for every spacing)."""
+    steps = spec.sampler.steps
+    if spec.sampler.family == "flow":
+        total = int(adapter.scheduler_config.get("num_train_timesteps", 1000))
+        return FlowSchedule(sigmas=adapter.flow_sigmas(steps), num_train_timesteps=total)
+    config = dict(adapter.scheduler_config) | {"timestep_spacing": spec.sampler.timestep_spacing}
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    return DiffusionSchedule.from_scheduler(scheduler)
+
+
+def build_gmm(spec: RunSpec, adapter: ModelAdapter, num_steps: int) -> GMM | None:
+    """The mixture kernel, for a sampler that takes one: GMM hyperparameters from cfg.gmm as they are."""
+    if not spec.sampler.uses_gmm:
+        return None
+    gmm = GMM().initialize(dim=adapter.dim, n_steps=num_steps, **spec.sampler.gmm)
+    log.info("GMM kernel: %s", gmm)
+    warn_if_gmm_is_inert(gmm, spec.sampler.options.get("eta", 0.0), stacklevel=2)
+    return gmm
+
+
+def build_plan(spec: RunSpec, adapter: ModelAdapter, prompts: list[str] | None, done: list[int]) -> SamplingPlan:
+    schedule = build_schedule(spec, adapter)
+    guidance = float(spec.sampler.guidance_scale)
+    labels = resolve_labels(spec.data.labels, adapter.num_classes)
+    if guidance == 0:  # out_u + 0 (out_c - out_u): the unconditional model, run as such
+        labels = None
+    return SamplingPlan(
+        sampler=spec.sampler.function,
+        schedule=schedule,
+        options=dict(spec.sampler.options),
+        gmm=build_gmm(spec, adapter, schedule.num_steps),
+        guidance_scale=guidance,
+        base_seed=spec.data.seed,
         labels=labels,
         prompts=prompts,
-        sample_dir=sample_dir if cfg.save_images else None,
+        sample_dir=spec.output.output_dir / "samples" if spec.output.save_images else None,
         resumed_indices=done,
     )
-    log.info(
-        "sampling %d of %d samples (%d already on disk) with %s, %d steps",
-        len(todo),
-        cfg.data.num_samples,
-        len(done),
-        cfg.sampler.name,
-        cfg.sampler.steps,
-    )
-    meta = run_metadata(cfg, conditional=labels is not None or prompts is not None, gmm=gmm, plan=plan)
-    module = SamplingModule(adapter, plan, metrics, report=make_report(cfg, output_dir, meta, started))
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        logger=logger,
-        callbacks=[ImagesPerSecondBar(), FinishWandb()],
+
+
+def build_metrics(
+    metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter, num_samples: int, seed: int
+) -> tuple[MetricSuite, dict[str, str]]:
+    """FID against its reference statistics (skipped, with a note, below min_samples) and the
+    extra metrics; returns the suite and notes for results.json."""
+    notes: dict[str, str] = {}
+    fid = reference = None
+    if metrics.fid_enabled and num_samples < metrics.fid_min_samples:
+        notes["fid_skipped"] = (
+            f"data.num_samples={num_samples} is below metrics.fid.min_samples={metrics.fid_min_samples}: "
+            "FID on fewer samples is not reported"
+        )
+        log.warning("FID skipped: %s", notes["fid_skipped"])
+    elif metrics.fid_enabled:
+        fid, reference = build_fid(metrics, model, adapter)
+    extras = {}
+    for name, metric in {**model.extra_metrics, **metrics.extra}.items():
+        if metric.get("enabled", True):
+            extras[name] = instantiate(metric["factory"], adapter=adapter)
+    return MetricSuite(fid, reference, fid_name=model.fid_name, extras=extras, seed=seed), notes
+
+
+def build_fid(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter) -> tuple[Any, Any]:
+    """The FID metric and its reference statistics: a given .npz or image folder, the family's
+    shipped statistics, or statistics of the family's real images, computed once and cached."""
+    features = metrics.fid_features or ("model" if model.features is not None else "inception")
+    extractor = instantiate(model.features) if features == "model" else 2048
+    fid = make_fid(extractor, metrics.fid_weights_path)
+    shipped = adapter.reference_stats if features == "model" else None
+    reference_path = metrics.fid_reference
+    if reference_path is not None and Path(reference_path).is_dir():
+        path = folder_reference(reference_path, extractor, metrics.cache_dir, metrics.fid_weights_path)
+        source = f"of the images in {reference_path!r}"
+    elif reference_path is not None:
+        path, source = reference_path, f"in {reference_path!r}"
+    elif shipped is not None:
+        path, source = shipped, f"in {str(shipped)!r}"
+    else:
+        key = json.dumps(model.fingerprint, sort_keys=True)
+        path = cached_reference(
+            adapter, extractor, key, metrics.cache_dir, metrics.fid_reference_samples, metrics.fid_weights_path
+        )
+        source = f"in {str(path)!r}"
+    reference = load_reference(path)
+    check_reference(*reference, feature_dim(extractor), source)
+    return fid, reference
+
+
+def build_logger(spec: RunSpec) -> Any:
+    """The logger of conf/logger (a _target_), with the run's config; False for logger=none."""
+    if not spec.output.logger.get("_target_"):
+        return False
+    logger = instantiate(spec.output.logger)
+    logger.log_hyperparams(spec.output.loggable)
+    return logger
+
+
+def build_trainer(spec: RunSpec, reporter: ReportResults) -> Any:
+    """The Trainer of conf/trainer (a _target_), with the run's logger and callbacks."""
+    return instantiate(
+        spec.output.trainer,
+        logger=build_logger(spec),
+        callbacks=[ImagesPerSecondBar(), reporter, FinishWandb()],
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    warnings.filterwarnings("ignore", message="predict returned None")  # predict_step returns nothing on purpose
-    loader = DataLoader(SampleIndexDataset(todo), batch_size=cfg.data.batch_size, shuffle=False)
-    failed = True
-    try:
-        if todo:
-            trainer.predict(module, dataloaders=loader, return_predictions=False)
-        else:
-            module.score_without_sampling(logger)
-        failed = False
-    finally:
-        finish_wandb(error=failed)
-    if trainer.global_rank != 0:  # plain ddp runs this function on every rank; rank 0 reports
-        return {}
-    results_file = output_dir / RESULTS_FILE
-    if not results_file.is_file():
-        raise RuntimeError(f"the run ended without writing {results_file}")
-    return json.loads(results_file.read_text())
 
 
-class FinishWandb(L.Callback):
-    """Finish the W&B run in the process that made it (with ddp_fork, a worker, not the launcher)."""
+def write_run_files(spec: RunSpec) -> None:
+    """run_config.json (what decides the samples: for resume and duplicate sweep jobs) and
+    run_overrides.json (what `resume=true` restores)."""
+    output_dir = spec.output.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / checks.RUN_CONFIG_FILE).write_text(json.dumps(spec.fingerprint(), indent=2))
+    if not spec.output.resume:
+        (output_dir / OVERRIDES_FILE).write_text(json.dumps(spec.output.overrides, indent=2))
+    if spec.output.save_images:
+        (output_dir / "samples").mkdir(exist_ok=True)
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        finish_wandb(error=False)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        finish_wandb(error=True)
+# ----------------------------------------------------------------------------------- report
 
 
-def finish_wandb(error: bool) -> None:
-    """Lightning never calls wandb.finish(): do it, also after an error."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=1 if error else 0)
+def run_metadata(spec: RunSpec, plan: SamplingPlan, notes: dict[str, str]) -> dict[str, Any]:
+    """What results.json says about the run besides its metrics."""
+    gmm, eta = plan.gmm, plan.options.get("eta")
+    meta = {
+        "overrides": spec.output.overrides,
+        "model": spec.model.name,
+        "sampler": spec.sampler.name,
+        "variant": variant_name(gmm.hparams) if gmm is not None else spec.sampler.name.upper(),
+        "steps": spec.sampler.steps,
+        "eta": eta,
+        "guidance_scale": spec.sampler.guidance_scale,
+        "conditional": plan.labels is not None or plan.prompts is not None,
+        "n_components": None,
+        "gmm_scale": None,
+        "gmm_clipped_fraction": None,
+        "gmm_memory_bytes": None,
+        "seed": spec.data.seed,
+        "num_samples": spec.data.num_samples,
+    }
+    if gmm is not None:
+        hp = gmm.hparams
+        meta |= {
+            "n_components": hp.n_components,
+            "construction": hp.construction,
+            "orthonormal": hp.orthonormal,
+            "upper_bound_vars": hp.upper_bound_vars,
+            "share_across_steps": hp.share_across_steps,
+            "gmm_scale": hp.scale,
+            "gmm_clipped_fraction": gmm.clipped_fraction(kernel_sigmas(plan.schedule, eta or 0.0), eta or 0.0),
+            "gmm_memory_bytes": gmm.memory_bytes,
+        }
+    return meta | notes

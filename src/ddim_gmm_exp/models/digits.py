@@ -184,7 +184,7 @@ class DigitsAdapter(ModelAdapter):
             raise ConfigError(
                 f"model.path={str(root)!r} holds no unet/: give a directory written by scripts/train_digits.py"
             )
-        self.unet = UNet2DModel.from_pretrained(root / "unet").float().eval()
+        self.unet = UNet2DModel.from_pretrained(root / "unet", low_cpu_mem_usage=False).float().eval()
         self.scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         self.sample_shape = IMAGE_SHAPE
         self.num_classes = NUM_CLASSES

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import ModelMixin
 
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.models.base import ModelAdapter
@@ -38,13 +39,15 @@ def load_component(cls: Any, source: str, subfolder: str | None, what: str, offl
     offline: local files only (a directory, or the Hugging Face cache), no network call at all.
     """
     kwargs = {"local_files_only": offline} | ({"subfolder": subfolder} if subfolder else {})
+    if issubclass(cls, ModelMixin):  # without accelerate, say so ourselves instead of diffusers' advice block
+        kwargs["low_cpu_mem_usage"] = False
     try:
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         where = f"{source}/{subfolder}" if subfolder else source
         raise ConfigError(
             f"cannot load the {what} from {where!r} offline: download the checkpoint where the hub is reachable "
-            f"(huggingface-cli download {source} --local-dir DIR) and pass model.path=DIR"
+            f"(hf download {source} --local-dir DIR) and pass model.path=DIR"
         ) from err
 
 

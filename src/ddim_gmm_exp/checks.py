@@ -1,0 +1,225 @@
+"""Every check on the user's input, each raising one ConfigError that names the bad value and
+what is allowed. ``check_run`` needs only the resolved config and the output dir, and runs before
+any model is loaded; ``check_model_fit`` checks what depends on the model family (classes, null
+class, prompts, training timesteps, sample size) right after the adapter is built, before any
+metric, kernel or sample is made.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddim_gmm_exp.config import RunSpec
+from ddim_gmm_exp.data import read_prompts, resolve_labels
+from ddim_gmm_exp.errors import ConfigError
+from ddim_gmm_exp.gmm import GMMHyperparameters
+from ddim_gmm_exp.samplers import FAMILIES, option_names
+from ddim_gmm_exp.sampling import PREDICTION_TYPES
+
+SPACINGS = ("leading", "trailing", "linspace")
+FID_FEATURES = (None, "model", "inception")
+WANDB_MODES = ("offline", "online", "disabled")
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def check_number(name: str, value: Any, minimum: float, maximum: float | None = None, integer: bool = False) -> None:
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    ok = ok and not isinstance(value, bool) and value >= minimum and (maximum is None or value <= maximum)
+    if not ok:
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"{name}={value!r} is not allowed: it must be {kind} {allowed}")
+
+
+def world_size(trainer: dict[str, Any]) -> int:
+    """Ranks the trainer config asks for (devices x nodes); -1/'auto' devices count what exists."""
+    devices = trainer.get("devices", 1)
+    if devices in (-1, "auto", "-1"):
+        devices = torch.cuda.device_count() if trainer.get("accelerator") in ("gpu", "cuda") else 1
+    if isinstance(devices, list | tuple):
+        devices = len(devices)
+    return max(1, int(devices)) * int(trainer.get("num_nodes", 1))
+
+
+# ----------------------------------------------------------------------------------- before the model
+
+
+def check_run(spec: RunSpec, in_multirun: bool) -> None:
+    """Everything that needs no model: data, sampler and its options, GMM, metrics, paths, ranks."""
+    check_data(spec)
+    check_sampler(spec)
+    check_gmm(spec, in_multirun)
+    check_paths_and_metrics(spec)
+    check_logger(spec)
+    ranks = world_size(spec.output.trainer)
+    if spec.data.num_samples < ranks:
+        raise ConfigError(
+            f"data.num_samples={spec.data.num_samples} is fewer than the {ranks} ranks of the trainer: "
+            f"sample at least {ranks}"
+        )
+
+
+def check_data(spec: RunSpec) -> None:
+    data = spec.data
+    check_number("data.batch_size", data.batch_size, 1, integer=True)
+    check_number("data.num_samples", data.num_samples, 1, integer=True)
+    check_number("data.seed", data.seed, 0, integer=True)
+    if isinstance(data.labels, str) and data.labels != "balanced":
+        raise ConfigError(f"data.labels={data.labels!r} is not allowed: use 'balanced', a list of class ids, or null")
+    read_prompts(data.prompts_file)  # readable and not empty
+
+
+def check_sampler(spec: RunSpec) -> None:
+    sampler, model = spec.sampler, spec.model
+    check_number("sampler.steps", sampler.steps, 1, integer=True)
+    check_number("sampler.guidance_scale", sampler.guidance_scale, 0)
+    if sampler.family not in FAMILIES:
+        raise ConfigError(f"sampler.family={sampler.family!r} is not allowed: choose one of {FAMILIES}")
+    if sampler.family != model.family:
+        hint = "sampler=rfim or rfim_gmm" if model.family == "flow" else "sampler=ddim or ddim_gmm"
+        raise ConfigError(
+            f"sampler={sampler.name} walks a {sampler.family} schedule but model={model.name} is a "
+            f"{model.family} model: use {hint}"
+        )
+    if sampler.family == "diffusion" and sampler.timestep_spacing not in SPACINGS:
+        raise ConfigError(
+            f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not allowed: choose one of {SPACINGS}"
+        )
+    allowed = [name for name in option_names(sampler.function) if name != "gmm"]
+    for name, value in sampler.options.items():
+        if name not in allowed:
+            raise ConfigError(
+                f"sampler.{name}={value!r} is not an option of sampler={sampler.name}: "
+                f"its options are {', '.join(allowed) or 'none'}"
+            )
+    if "eta" in sampler.options:
+        # the flow samplers interpolate between the Euler step and the marginal: eta in [0, 1]
+        maximum = 1.0 if sampler.family == "flow" else None
+        check_number("sampler.eta", sampler.options["eta"], 0, maximum)
+
+
+def check_gmm(spec: RunSpec, in_multirun: bool) -> None:
+    """A GMM sampler's kernel settings; gmm.* set for a sampler without a GMM is an error in a
+    single run (in a sweep such jobs repeat another job's samples and are skipped instead)."""
+    sampler = spec.sampler
+    if sampler.uses_gmm:
+        try:
+            GMMHyperparameters(dim=1, n_steps=1, **sampler.gmm).validate(with_dim=False)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"gmm: {err}") from err
+    elif sampler.gmm_overrides and not in_multirun:
+        raise ConfigError(
+            f"{sampler.gmm_overrides[0]} is set but sampler={sampler.name} uses no GMM: add sampler=ddim_gmm "
+            "(or a GMM variant, e.g. variant=ortho_vub), or drop the gmm.* override"
+        )
+
+
+def check_paths_and_metrics(spec: RunSpec) -> None:
+    model, metrics = spec.model, spec.metrics
+    if model.path is not None and not Path(model.path).exists():
+        raise ConfigError(f"model.path={model.path!r} does not exist: give a local model directory or a hub id")
+    if metrics.fid_features not in FID_FEATURES:
+        raise ConfigError(
+            f"metrics.fid.features={metrics.fid_features!r} is not allowed: choose 'model' or 'inception'"
+        )
+    if metrics.fid_enabled and metrics.fid_features == "model" and model.features is None:
+        raise ConfigError(
+            f"metrics.fid.features='model' but model={model.name} brings no feature "
+            "extractor: use metrics.fid.features=inception"
+        )
+    if metrics.fid_reference is not None and not Path(metrics.fid_reference).exists():
+        raise ConfigError(
+            f"metrics.fid.reference={metrics.fid_reference!r} does not exist: give an .npz with mu and sigma "
+            "(scripts/fid_stats.py) or a folder of images"
+        )
+    if metrics.fid_weights_path is not None and not Path(metrics.fid_weights_path).is_file():
+        raise ConfigError(
+            f"metrics.fid.weights_path={metrics.fid_weights_path!r} does not exist: give the local Inception "
+            "weights file (weights-inception-2015-12-05-6726825d.pth)"
+        )
+    check_number("metrics.fid.min_samples", metrics.fid_min_samples, 2, integer=True)
+
+
+def check_logger(spec: RunSpec) -> None:
+    logger = spec.output.logger
+    if str(logger.get("_target_", "")).endswith("WandbLogger") and logger.get("mode") not in WANDB_MODES:
+        raise ConfigError(f"logger.mode={logger.get('mode')!r} is not allowed: choose one of {', '.join(WANDB_MODES)}")
+
+
+def indices_to_sample(spec: RunSpec) -> tuple[list[int], list[int]]:
+    """(to sample, already on disk). A fresh run refuses an output dir that holds samples; a
+    resumed one must have the saved run's fingerprint and at least as many samples left as ranks."""
+    output_dir, num_samples = spec.output.output_dir, spec.data.num_samples
+    sample_dir = output_dir / "samples"
+    existing = (
+        {int(p.stem) for p in sample_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")} if sample_dir.is_dir() else set()
+    )
+    fingerprint_file = output_dir / RUN_CONFIG_FILE
+    if spec.output.resume:
+        if fingerprint_file.is_file():
+            saved, fingerprint = json.loads(fingerprint_file.read_text()), json.loads(json.dumps(spec.fingerprint()))
+            if saved != fingerprint:
+                changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+                raise ConfigError(
+                    f"resume=true but {output_dir} holds a run of another config (differs in {changed}): "
+                    "drop the overrides that differ (the run's own are restored) or pick a new output dir"
+                )
+        elif existing:
+            raise ConfigError(
+                f"resume=true but {output_dir} has samples and no {RUN_CONFIG_FILE}: cannot check its config"
+            )
+    elif existing:
+        raise ConfigError(
+            f"{sample_dir} already holds {len(existing)} samples: pass resume=true to finish that run, "
+            "or choose another hydra.run.dir (nothing was overwritten)"
+        )
+    done = sorted(i for i in existing if i < num_samples)
+    todo = [i for i in range(num_samples) if i not in existing]
+    ranks = world_size(spec.output.trainer)
+    if 0 < len(todo) < ranks:
+        raise ConfigError(
+            f"only {len(todo)} samples are left to resume, fewer than the {ranks} ranks of the "
+            "trainer: resume with trainer=cpu (or fewer devices)"
+        )
+    return todo, done
+
+
+# ----------------------------------------------------------------------------------- with the model
+
+
+def check_model_fit(spec: RunSpec, adapter: Any) -> None:
+    """What depends on the model family: labels, guidance's null class, prediction type, the number
+    of training timesteps, and the GMM's size against the sample size."""
+    sampler, model = spec.sampler, spec.model
+    labels = resolve_labels(spec.data.labels, adapter.num_classes)
+    if labels is not None and sampler.guidance_scale not in (0, 1) and adapter.null_label is None:
+        raise ConfigError(
+            f"sampler.guidance_scale={sampler.guidance_scale} needs a null class, and "
+            f"model={model.name} has none: use sampler.guidance_scale=1.0"
+        )
+    prediction_type = adapter.scheduler_config.get("prediction_type", "epsilon")
+    if sampler.family == "diffusion" and prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"the model's prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
+    total = int(adapter.scheduler_config.get("num_train_timesteps", 1000))
+    if sampler.family == "diffusion" and sampler.steps > total:
+        raise ConfigError(
+            f"sampler.steps={sampler.steps} is not allowed: the model was trained with {total} "
+            f"timesteps, so steps must lie in [1, {total}]"
+        )
+    if sampler.uses_gmm:
+        try:
+            GMMHyperparameters(dim=adapter.dim, n_steps=sampler.steps, **sampler.gmm).validate()
+        except ValueError as err:
+            raise ConfigError(f"gmm: {err} (model={model.name} samples D={adapter.dim})") from err
+
+
+def check_prompts_for_metrics(metrics_need_prompts: bool, has_prompts: bool, model_name: str) -> None:
+    if metrics_need_prompts and not has_prompts:
+        raise ConfigError(
+            f"a metric needs prompts (CLIP score) but model={model_name} samples none: "
+            "drop it (metrics=default) or use a text-to-image model with data.prompts_file"
+        )

@@ -1,0 +1,202 @@
+"""The composed Hydra config, resolved once into the typed objects a run is made of.
+
+    cfg (Hydra) --resolve_run--> RunSpec(model, sampler, data, metrics, output)
+
+``resolve_run`` is the only function that reads ``cfg``; everything downstream (checks, builders,
+the Lightning module, the report) takes these objects. Model, metric, logger and trainer
+factories stay plain ``_target_`` dicts, instantiated where they are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ddim_gmm_exp.samplers import RUN_KEYS, Sampler, option_names, resolve_function
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model family, from where, and what it brings (feature extractor, extra metrics)."""
+
+    name: str
+    family: str  # "diffusion" or "flow"
+    adapter: dict[str, Any]  # _target_ dict of the adapter
+    path: str | None = None
+    features: dict[str, Any] | None = None  # _target_ dict of the family's FID feature extractor
+    fid_name: str = "fid"
+    extra_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # the whole model node, for caches
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """With which sampler: its function and options, the step grid, guidance, and the GMM."""
+
+    name: str
+    function_path: str
+    family: str
+    steps: Any
+    timestep_spacing: str | None
+    guidance_scale: Any
+    options: dict[str, Any]  # keyword options of the function (eta, ...), gmm excluded
+    gmm: dict[str, Any] | None  # GMMHyperparameters fields but dim and n_steps; None: no GMM
+    gmm_overrides: list[str] = field(default_factory=list)  # gmm.* overrides of this job
+
+    @property
+    def function(self) -> Sampler:
+        return resolve_function(self.function_path)
+
+    @property
+    def uses_gmm(self) -> bool:
+        return self.gmm is not None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What to sample: how many, in which batches, from which seeds, with which labels or prompts."""
+
+    num_samples: Any
+    batch_size: Any
+    seed: Any
+    labels: Any
+    prompts_file: str | None
+
+
+@dataclass(frozen=True)
+class MetricsSpec:
+    """Which metrics: FID settings and the extra metrics' factories."""
+
+    fid_enabled: bool
+    fid_features: str | None
+    fid_weights_path: str | None
+    fid_reference: str | None
+    fid_reference_samples: int
+    fid_min_samples: int
+    extra: dict[str, dict[str, Any]]
+    cache_dir: str
+    optimized_metric: str | None
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """Where to write, how to log and on which trainer."""
+
+    output_dir: Path
+    save_images: bool
+    resume: bool
+    logger: dict[str, Any]  # _target_ dict; {} for no logger
+    trainer: dict[str, Any]  # _target_ dict of the Lightning Trainer
+    overrides: list[str]
+    sweep_group: str | None  # the W&B group of a multirun's jobs; None for single runs
+    loggable: dict[str, Any]  # the composed config, resolved, for the logger
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: ModelSpec
+    sampler: SamplerSpec
+    data: DataSpec
+    metrics: MetricsSpec
+    output: OutputSpec
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the samples: a resumed run must match it, and sweep jobs with equal
+        fingerprints sample the same images. The GMM only where the sampler uses it."""
+        sampler = {
+            "name": self.sampler.name,
+            "function": self.sampler.function_path,
+            "steps": self.sampler.steps,
+            "timestep_spacing": self.sampler.timestep_spacing,
+            "guidance_scale": self.sampler.guidance_scale,
+            **self.sampler.options,
+        }
+        data = {k: v for k, v in vars(self.data).items() if k != "batch_size"}
+        keep = {"model": self.model.fingerprint, "sampler": sampler, "data": data}
+        if self.sampler.uses_gmm:
+            keep["gmm"] = self.sampler.gmm
+        return keep
+
+
+def sweep_group() -> str | None:
+    """The W&B group of a multirun's jobs: the sweep directory's name (None for single runs and
+    outside a Hydra job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ValueError, ImportError):
+        return None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return f"{hydra_cfg.job.name}-{Path(hydra_cfg.sweep.dir).name}"
+
+
+# conf/logger/wandb.yaml: group: ${sweep_group:}
+OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
+
+
+def plain(node: Any) -> Any:
+    """A resolved plain container (dict, list, value) of a config node."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def resolve_run(cfg: DictConfig, overrides: list[str], sweep_group: str | None) -> RunSpec:
+    """The typed objects of one run, from its composed config (the only reader of cfg)."""
+    model = plain(cfg.model)
+    sampler = plain(cfg.sampler)
+    fid = plain(cfg.metrics.fid)
+    function_path = sampler["function"]
+    takes = option_names(resolve_function(function_path))
+    options = {k: v for k, v in sampler.items() if k not in RUN_KEYS}
+    return RunSpec(
+        model=ModelSpec(
+            name=model["name"],
+            family=model.get("family", "diffusion"),
+            adapter=model["adapter"],
+            path=model.get("path"),
+            features=model.get("features"),
+            fid_name=model.get("fid_name", "fid"),
+            extra_metrics={k: v for k, v in (model.get("extra_metrics") or {}).items() if v is not None},
+            fingerprint=model,
+        ),
+        sampler=SamplerSpec(
+            name=sampler["name"],
+            function_path=function_path,
+            family=sampler.get("family", "diffusion"),
+            steps=sampler["steps"],
+            timestep_spacing=sampler.get("timestep_spacing"),
+            guidance_scale=sampler["guidance_scale"],
+            options=options,
+            gmm=plain(cfg.gmm) if "gmm" in takes else None,
+            gmm_overrides=[o for o in overrides if o.lstrip("+~").startswith("gmm.")],
+        ),
+        data=DataSpec(
+            **{k: plain(cfg.data[k]) for k in ("num_samples", "batch_size", "seed", "labels", "prompts_file")}
+        ),
+        metrics=MetricsSpec(
+            fid_enabled=fid["enabled"],
+            fid_features=fid["features"],
+            fid_weights_path=fid["weights_path"],
+            fid_reference=fid["reference"],
+            fid_reference_samples=fid["reference_samples"],
+            fid_min_samples=fid["min_samples"],
+            extra={k: v for k, v in (plain(cfg.metrics.get("extra")) or {}).items() if v is not None},
+            cache_dir=str(cfg.paths.cache_dir),
+            optimized_metric=cfg.get("optimized_metric"),
+        ),
+        output=OutputSpec(
+            output_dir=Path(cfg.paths.output_dir),
+            save_images=bool(cfg.save_images),
+            resume=bool(cfg.resume),
+            logger=plain(cfg.logger) or {},
+            trainer=plain(cfg.trainer),
+            overrides=list(overrides),
+            sweep_group=sweep_group,
+            loggable={k: plain(v) for k, v in cfg.items() if k != "hydra"},
+        ),
+    )

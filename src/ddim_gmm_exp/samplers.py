@@ -1,0 +1,160 @@
+"""Pluggable samplers: one signature, one function per sampler, one YAML per sampler.
+
+    x0 = sampler(denoiser, x, schedule, *, generator=None, callback=None, **options)
+
+as k-diffusion's ``sample_*`` functions share one signature. ``denoiser(x, t)`` returns the model
+output at the batch's time t (a (B,) tensor, in the model's own time units); ``schedule`` is the
+time grid to walk (a :class:`DiffusionSchedule` or a :class:`FlowSchedule`); ``generator`` is one
+generator or one per sample; ``callback(i, t, x_s, x0_hat)`` sees every step. A sampler that
+takes a ``gmm`` keyword gets the mixture kernel built from the run's ``gmm`` config: the sampler
+decides whether a GMM is used. ``conf/sampler/NAME.yaml`` names the function
+(``function: ddim_gmm_exp.samplers.ddim_gmm``); its other keys but the reserved ones
+(:data:`RUN_KEYS`) are the function's options. Adding a sampler is one function and one YAML
+(docs/extending.md).
+
+The step math is not here: it lives once in :mod:`ddim_gmm_exp.sampling`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ddim_gmm_exp.gmm import GMM
+from ddim_gmm_exp.noise import Generators
+from ddim_gmm_exp.sampling import Denoiser, StepCallback, ddim_sigmas, sample_ddim, x0_options
+
+# Keys of a sampler config that the runner reads itself; every other key is a sampler option.
+RUN_KEYS = ("name", "function", "family", "steps", "timestep_spacing", "guidance_scale")
+FAMILIES = ("diffusion", "flow")
+
+
+@dataclass(frozen=True)
+class DiffusionSchedule:
+    """The timesteps of a DDPM-trained model and its alpha-bars (noisiest first).
+
+    The step from timesteps[i] goes to timesteps[i + 1], and after the last to final_abar.
+    """
+
+    timesteps: list[int]
+    alphas_cumprod: torch.Tensor
+    final_abar: torch.Tensor
+    prediction_type: str = "epsilon"
+    step_options: dict[str, Any] = field(default_factory=dict)
+    family: str = "diffusion"
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> DiffusionSchedule:
+        """The schedule of a diffusers DDIMScheduler after set_timesteps: its timesteps, alpha-bars,
+        prediction type and x0 clipping / thresholding settings."""
+        return cls(
+            timesteps=scheduler.timesteps.tolist(),
+            alphas_cumprod=scheduler.alphas_cumprod,
+            final_abar=scheduler.final_alpha_cumprod,
+            prediction_type=scheduler.config.prediction_type,
+            step_options=x0_options(scheduler.config),
+        )
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """The time grid of a flow-matching model: sigmas (flow times t, 1 = noise) from the noisiest
+    down to 0, one more than the steps; the model is called at t * num_train_timesteps."""
+
+    sigmas: list[float]
+    num_train_timesteps: int = 1000
+    family: str = "flow"
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def timesteps(self) -> list[float]:
+        return [s * self.num_train_timesteps for s in self.sigmas[:-1]]
+
+
+Schedule = DiffusionSchedule | FlowSchedule
+Sampler = Callable[..., torch.Tensor]
+
+
+def ddim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    schedule: DiffusionSchedule,
+    *,
+    generator: Generators = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): eta = 0 deterministic, eta = 1 DDPM-like."""
+    return ddim_gmm(denoiser, x, schedule, generator=generator, callback=callback, eta=eta, gmm=None)
+
+
+def ddim_gmm(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    schedule: DiffusionSchedule,
+    *,
+    generator: Generators = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+    gmm: GMM | None = None,
+) -> torch.Tensor:
+    """DDIM-GMM (Gabbur 2026, eq. 7): DDIM's mean plus a Gaussian-mixture kernel."""
+    return sample_ddim(
+        denoiser,
+        x,
+        schedule.timesteps,
+        schedule.alphas_cumprod,
+        schedule.final_abar,
+        eta=eta,
+        gmm=gmm,
+        generator=generator,
+        callback=callback,
+        prediction_type=schedule.prediction_type,
+        **schedule.step_options,
+    )
+
+
+def kernel_sigmas(schedule: Schedule, eta: float) -> list[float]:
+    """sigma of every step, as the kernels use it: DDIM's eq. 16, or eta * s for the flow step t -> s."""
+    if isinstance(schedule, FlowSchedule):
+        return [eta * s for s in schedule.sigmas[1:]]
+    return ddim_sigmas(schedule.alphas_cumprod, schedule.timesteps, schedule.final_abar, eta)
+
+
+def resolve_function(path: str) -> Sampler:
+    """The sampler function named by a dotted path (``module.function``)."""
+    module_name, _, name = str(path).rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"sampler.function={path!r} is not an importable function: {err}") from err
+    if not callable(function):
+        raise ValueError(f"sampler.function={path!r} is not callable")
+    return function
+
+
+def option_names(function: Sampler) -> list[str]:
+    """The keyword options a sampler function takes beyond the shared signature (gmm included)."""
+    shared = {"denoiser", "x", "schedule", "generator", "callback"}
+    return [
+        name
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in shared
+    ]
+
+
+def takes_gmm(function: Sampler) -> bool:
+    """Whether the sampler uses a mixture kernel: it has a ``gmm`` keyword."""
+    return "gmm" in option_names(function)
