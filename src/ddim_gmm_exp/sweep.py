@@ -131,8 +131,10 @@ def pivot_markdown(rows: list[dict[str, Any]], metric: str) -> str:
     """``metric``: one row per series, one column per step count, mean +- std over seeds."""
     series = aggregate(rows, metric)
     steps = sorted({p[0] for points in series.values() for p in points})
+    seeds = max((p[4] for points in series.values() for p in points), default=1)
+    spread = "mean ± std over seeds" if seeds > 1 else "one seed"
     lines = [
-        f"**{metric}** (mean ± std over seeds)",
+        f"**{metric}** ({better_direction(metric)}; {spread})",
         "",
         f"| series | {' | '.join(f'{s} steps' for s in steps)} |",
         "|---|" + "---|" * len(steps),
@@ -175,8 +177,27 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
+HIGHER_IS_BETTER = ("accuracy", "modes_covered", "entropy", "confidence", "clip", "inception_score", "precision")
+
+
+def better_direction(metric: str) -> str:
+    """'higher is better' for accuracies, coverage, CLIP and IS; 'lower is better' for distances."""
+    return "higher is better" if any(k in metric.lower() for k in HIGHER_IS_BETTER) else "lower is better"
+
+
+def varying_metrics(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
+    """The metrics that differ between jobs (a constant panel says nothing)."""
+    varying = []
+    for metric in metrics:
+        values = {round(float(r[metric]), 12) for r in rows if isinstance(r.get(metric), int | float)}
+        if len(values) > 1:
+            varying.append(metric)
+    return varying
+
+
 def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
-    """Each metric against steps, one line per series (dashed: unconditional), min-max bars over seeds."""
+    """Each varying metric against steps, one line per series, each with its own colour, marker
+    and dash pattern (dashed: unconditional); bars span min-max over seeds where seeds vary."""
     import math
 
     import matplotlib
@@ -184,40 +205,46 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = metrics or ["(no metric)"]
-    cols = min(3, len(metrics))
-    rows_n = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n + 1.5), squeeze=False)
+    shown = varying_metrics(rows, metrics) or metrics[:1] or ["(no metric)"]
+    cols = min(3, len(shown))
+    rows_n = math.ceil(len(shown) / cols)
     labels = sorted({series_label(r) for r in rows})
-    colors = {label: plt.cm.tab20(i % 20) for i, label in enumerate(labels)}
-    for ax, metric in zip(axes.flat, metrics, strict=False):
+    legend_rows = math.ceil(len(labels) / 2)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n + 0.35 * legend_rows + 0.8), squeeze=False)
+    markers = "osD^v<>pPX*h"
+    style = {
+        label: dict(
+            color=plt.cm.tab10(i % 10),
+            marker=markers[(i // 10 + i) % len(markers)],
+            linestyle="--" if label.endswith("uncond") else ("-", "-.", ":")[i // 10 % 3],
+        )
+        for i, label in enumerate(labels)
+    }
+    seeds = max((p[4] for m in shown for pts in aggregate(rows, m).values() for p in pts), default=1)
+    for ax, metric in zip(axes.flat, shown, strict=False):
         values = []
         for label, points in aggregate(rows, metric).items():
-            steps = [p[0] for p in points]
-            means = [p[1] for p in points]
             errors = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
             values += [p[3] for p in points] + [p[2] for p in points]
             ax.errorbar(
-                steps,
-                means,
-                yerr=errors,
-                marker="o",
-                capsize=3,
-                label=label,
-                color=colors[label],
-                linestyle="--" if label.endswith("uncond") else "-",
+                [p[0] for p in points], [p[1] for p in points], yerr=errors, capsize=3, label=label, **style[label]
             )
         if values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        steps = sorted({r["steps"] for r in rows if isinstance(r.get("steps"), int)})
+        ax.set_xticks(steps, [str(st) for st in steps])
         ax.set_xlabel("steps")
         ax.set_ylabel(metric)
-        ax.set_title(metric)
+        spread = f"mean over {seeds} seeds, bars min-max" if seeds > 1 else "one seed"
+        ax.set_title(f"{metric} ({better_direction(metric)})\n{spread}", fontsize=9)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics) :]:
+    for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(4, max(1, len(names))), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(names) / 4), 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.35 * legend_rows + 0.3) / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -266,7 +293,7 @@ def paper_markdown(rows: list[dict[str, Any]], metric: str) -> str:
     cells = best_scale_cells(rows, metric)
     seeds = max((c[3] for c in cells.values()), default=1)
     spread = "mean ± std over seeds" if seeds > 1 else "one seed"
-    lines = [f"# {metric}, lower is better ({spread}; best scale s per cell, as the paper reports)", ""]
+    lines = [f"# {metric}, {better_direction(metric)} ({spread}; best scale s per cell, as the paper reports)", ""]
     for setting in sorted({k[0] for k in cells}):
         for eta in sorted({k[1] for k in cells if k[0] == setting}):
             keys = [k for k in cells if k[0] == setting and k[1] == eta]
