@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from helpers.runs import ROOT, compose_config
 
 from ddim_gmm_exp.metrics import load_reference, statistics_of
 from ddim_gmm_exp.models.digits import (

@@ -282,3 +282,15 @@ def test_component_draws_follow_the_generators_device(monkeypatch):
     components = gmm.draw_components(0, 3, cuda_generator)
     assert calls == [(cuda_generator, torch.device("cuda", 0))]
     assert components.device == gmm.device and components.tolist() == [2, 2, 2]
+
+
+@pytest.mark.gpu
+def test_cpu_gmm_with_a_real_cuda_generator():
+    """The real mismatch on a GPU machine: a CPU GMM() and per-sample CUDA generators."""
+    gmm = GMM().initialize(dim=16, n_components=4, n_steps=1)
+    generators = sample_generators(range(3), device="cuda")
+    components = gmm.draw_components(0, 3, generators)
+    again = gmm.draw_components(0, 3, sample_generators(range(3), device="cuda"))
+    assert components.device.type == "cpu" and torch.equal(components, again)
+    on_gpu = gmm.to("cuda").draw_components(0, 3, sample_generators(range(3), device="cuda"))
+    assert torch.equal(on_gpu.cpu(), components)

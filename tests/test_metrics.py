@@ -134,7 +134,7 @@ def test_fid_stats_script_from_an_image_folder(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers.runs import ROOT
     from PIL import Image
 
     images = random_images(20, 3, size=4)

@@ -9,11 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, tiny_clip_tokenizer
+from conftest import tiny_clip_tokenizer
+from helpers.runs import adapter_of, compose_config
 
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.images import load_png
-from ddim_gmm_exp.runner import build_adapter, run
+from ddim_gmm_exp.runner import run
 
 FAST = ["data.num_samples=4", "data.batch_size=4", "sampler.steps=3", "metrics.fid.enabled=false", "logger=none"]
 
@@ -69,7 +70,7 @@ def sample_images(run_dir) -> torch.Tensor:
 def test_pixel_ddpm(pixel_dirs, tmp_path, cache_dir):
     args = ["model=ddpm_cifar10", f"model.path={pixel_dirs['plain']}", "sampler=ddim_gmm", "gmm.n_components=4"]
     cfg = compose_config([*FAST, *args], tmp_path, cache_dir)
-    adapter = build_adapter(cfg)
+    adapter = adapter_of(cfg)
     assert adapter.sample_shape == (3, 8, 8) and adapter.dim == 192 and adapter.num_classes == 0
     results = run(cfg)
     assert results["sampled_this_run"] == 4 and results["n_components"] == 4
@@ -104,7 +105,7 @@ def test_precision_and_memory_format_options(pixel_dirs, tmp_path, cache_dir):
     fp32, bf16 = sample_images(tmp_path / "fp32").float(), sample_images(tmp_path / "bf16").float()
     assert not torch.equal(fp32, bf16)  # bf16 autocast did act
     assert (fp32 - bf16).abs().mean() < 20  # the same samples up to bf16 rounding
-    compiled = build_adapter(compose_config([*FAST, *base, "model.compile=true"], tmp_path / "c", cache_dir))
+    compiled = adapter_of(compose_config([*FAST, *base, "model.compile=true"], tmp_path / "c", cache_dir))
     assert isinstance(compiled.denoiser, torch._dynamo.eval_frame.OptimizedModule)
     with pytest.raises(ConfigError, match="model.precision='fp8' is not allowed"):
         run_model(tmp_path / "bad", cache_dir, [*base, "model.precision=fp8"])
@@ -145,7 +146,7 @@ def test_latent_ddpm_decodes_through_the_vqvae(ldm_dir, tmp_path, cache_dir):
     cfg = compose_config(
         [*FAST, "model=ldm_celebahq256", f"model.path={ldm_dir}", "sampler=ddim_gmm"], tmp_path, cache_dir
     )
-    assert build_adapter(cfg).dim == 3 * 4 * 4  # the GMM lives in latent space
+    assert adapter_of(cfg).dim == 3 * 4 * 4  # the GMM lives in latent space
     run(cfg)
     assert sample_images(tmp_path).shape == (4, 3, 8, 8)
 
@@ -207,7 +208,7 @@ def test_stable_diffusion_prompts_guidance_and_v_prediction(sd_dirs, tmp_path, c
     base = ["model=sd21", f"model.path={sd_dirs['epsilon']}", "data.num_samples=2", "sampler=ddim_gmm"]
     cfg = compose_config([*FAST, *base, f"data.prompts_file={prompts}"], tmp_path / "a", cache_dir)
     assert cfg.sampler.guidance_scale == 7.5  # the family's usual guidance
-    adapter = build_adapter(cfg)
+    adapter = adapter_of(cfg)
     assert adapter.sample_shape == (4, 4, 4)  # latent 4 x (8 / 2) x (8 / 2)
     run(cfg)
     run_model(tmp_path / "b", cache_dir, [*base, f"data.prompts_file={other}"])
@@ -221,7 +222,7 @@ def test_stable_diffusion_prompts_guidance_and_v_prediction(sd_dirs, tmp_path, c
         tmp_path / "v",
         cache_dir,
     )
-    assert build_adapter(v_cfg).scheduler_config["prediction_type"] == "v_prediction"
+    assert adapter_of(v_cfg).scheduler_config["prediction_type"] == "v_prediction"
     results = run(v_cfg)  # no prompts file: the shipped default prompts
     assert results["sampled_this_run"] == 2 and np.isfinite(sample_images(tmp_path / "v").float()).all()
     # the same weights read as an epsilon model sample differently: the prediction type is used
@@ -280,7 +281,7 @@ def dit_dir(tmp_path_factory):
 def test_dit_labels_null_class_and_guidance(dit_dir, tmp_path, cache_dir):
     base = ["model=dit_xl2_256", f"model.path={dit_dir}", "data.num_samples=2"]
     cfg = compose_config([*FAST, *base], tmp_path / "a", cache_dir)
-    adapter = build_adapter(cfg)
+    adapter = adapter_of(cfg)
     assert adapter.num_classes == 10 and adapter.null_label == 10 and adapter.sample_shape == (4, 4, 4)
     run(cfg)  # balanced labels 0, 1 with guidance 4.0
     run_model(tmp_path / "b", cache_dir, [*base, "data.labels=[5]"])

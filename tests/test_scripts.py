@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from helpers.runs import ROOT
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,68 @@
+"""Resume: a killed run finishes with the same samples; refusals that protect a run dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers.runs import ROOT, pngs, results_of, run_cli
+
+
+def test_resume_after_a_killed_run(tmp_path, cache_dir):
+    args = [
+        "model=toy",
+        "data.num_samples=3000",
+        "data.batch_size=20",
+        "sampler.steps=200",
+        "logger=none",
+        f"paths.cache_dir={cache_dir}",
+    ]
+    killed_dir, whole_dir = tmp_path / "killed", tmp_path / "whole"
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={killed_dir}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((killed_dir / "samples").glob("[0-9]*[0-9].png"))) < 300:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(list((killed_dir / "samples").glob("[0-9]*[0-9].png")))
+    assert proc.returncode == -signal.SIGKILL and 300 <= partial < 3000, partial
+    assert not (killed_dir / "results.json").exists()
+
+    refused = run_cli([*args, f"hydra.run.dir={killed_dir}"])  # without resume=true: refused, nothing touched
+    assert refused.returncode == 2 and "pass resume=true" in refused.stderr
+    other = run_cli([*args, "sampler.eta=0.5", "resume=true", f"hydra.run.dir={killed_dir}"])
+    assert other.returncode == 2 and "holds a run of another config" in other.stderr
+
+    # the run's own overrides are restored from the run dir: resume=true and the dir are enough
+    resumed = run_cli(["resume=true", f"hydra.run.dir={killed_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resume: restored the run's overrides model=toy data.num_samples=3000" in resumed.stderr
+    results = results_of(killed_dir)
+    assert results["sampled_this_run"] == 3000 - partial
+    assert len(list((killed_dir / "samples").glob("*.png"))) == 3000  # every index once, no leftovers
+
+    whole = run_cli([*args, f"hydra.run.dir={whole_dir}"])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert pngs(killed_dir) == pngs(whole_dir)
+    assert results["metrics"]["fid"] == pytest.approx(results_of(whole_dir)["metrics"]["fid"], rel=1e-6)
+
+
+def test_resume_with_fewer_samples_left_than_ranks(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = ["model=toy", "data.num_samples=4", "metrics.fid.enabled=false", "logger=none", f"hydra.run.dir={run_dir}"]
+    assert run_cli(args).returncode == 0
+    (run_dir / "samples" / "000002.png").unlink()
+    proc = run_cli([*args, "resume=true", "trainer=ddp_sim"])
+    assert proc.returncode == 2 and "only 1 samples are left to resume, fewer than the 2 ranks" in proc.stderr
+    assert run_cli([*args, "resume=true"]).returncode == 0 and (run_dir / "samples" / "000002.png").is_file()

@@ -1,0 +1,112 @@
+"""Sweeps: results, summaries, duplicate DDIM jobs, every experiment file, W&B groups."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers.runs import CONF_DIR, ROOT, SMALL, run_cli, wandb_records
+
+
+def test_multirun_writes_results_and_a_summary(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "-m",
+            "model=toy",
+            "sampler=ddim,ddim_gmm",
+            "sampler.steps=2,4",
+            "gmm.n_components=4,8",
+            "data.num_samples=100",
+            "logger=none",
+            "save_images=false",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # the DDIM jobs that differ only in gmm.n_components run once; the other is skipped with a note
+    jobs = sorted(sweep.glob("*/results.json"))
+    skipped = sorted(sweep.glob("*/skipped.json"))
+    assert len(jobs) == 6 and len(skipped) == 2
+    assert all("gmm.* does not apply" in json.loads(p.read_text())["skipped"] for p in skipped)
+    runs = [json.loads(p.read_text()) for p in jobs]
+    assert sorted((r["sampler"], r["steps"], r["n_components"]) for r in runs) == [
+        ("ddim", 2, None),
+        ("ddim", 4, None),
+        ("ddim_gmm", 2, 4),
+        ("ddim_gmm", 2, 8),
+        ("ddim_gmm", 4, 4),
+        ("ddim_gmm", 4, 8),
+    ]
+    csv_lines = (sweep / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 7 and "fid" in csv_lines[0]
+    assert "ddim_gmm eta=0.0 ORTHO-VUB K=8 s=1.0" in (sweep / "summary.md").read_text()
+    paper = (sweep / "paper.md").read_text()
+    assert "| DDIM |" in paper and "| ORTHO-VUB (K=4) |" in paper and "(s=1)" in paper
+    assert (sweep / "paper.png").stat().st_size > 1000
+    assert (sweep / "summary.png").stat().st_size > 1000
+    (sweep / "summary.md").unlink()
+    rebuilt = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep)], capture_output=True, text=True
+    )
+    assert rebuilt.returncode == 0 and (sweep / "summary.md").is_file()
+
+
+def shrunk_sweep(experiment: str) -> list[str]:
+    """The experiment's own sweep cut to its first two values of the first swept key and the
+    first value of every other (command-line sweeps take precedence over the file's)."""
+    import yaml
+
+    params = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    args = []
+    for i, (key, values) in enumerate(params.items()):
+        choices = str(values).split(",")
+        args.append(f"{key}={','.join(choices[:2] if i == 0 else choices[:1])}")
+    return args
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_every_experiment_file_runs(experiment, tmp_path, cache_dir):
+    """Each experiment, shrunk to 100 samples and 2 jobs, runs as the multirun it declares."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            f"experiment={experiment}",
+            *shrunk_sweep(experiment),
+            "data.num_samples=100",
+            "save_images=false",
+            "logger=none",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={sweep}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list(sweep.glob("*/results.json"))) == 2 and (sweep / "summary.md").is_file()
+
+
+def test_multirun_of_two_rank_jobs_shares_a_wandb_group(tmp_path, cache_dir):
+    """-m with trainer=ddp_sim (ddp_fork): every job runs on 2 ranks; the jobs share one W&B group."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "-m",
+            *SMALL,
+            "logger=wandb",
+            "trainer=ddp_sim",
+            "sampler.steps=2,3",
+            "save_images=false",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert [j["devices"] for j in jobs] == [2, 2]
+    groups = set()
+    for run_file in sweep.glob("*/wandb/offline-run-*/run-*.wandb"):
+        groups |= {r.run.run_group for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run"}
+    assert groups == {f"run-{sweep.name}"}
