@@ -72,6 +72,7 @@ def test_inception_without_local_weights_says_which_file(tmp_path, cache_dir, mo
         (["sampler=fancy"], "sampler=fancy is not a config option: choose one of ddim, ddim_gmm"),
         (["gmm.scale=2"], "gmm.scale=2 is set but sampler=ddim uses no GMM: add sampler=ddim_gmm"),
         (["gmm.n_components=0"], "gmm.n_components=0 is set but sampler=ddim uses no GMM"),
+        (["sampler=ddim_noise", "gmm.n_components=4"], "gmm.n_components=4 is set but sampler=ddim_noise uses no GMM"),
         (["-m", "model=toy,nope"], "model=nope is not a config option"),
         (["sampler.eta=-1"], "sampler.eta=-1 is not allowed"),
         (["data.batch_size=0"], "data.batch_size=0 is not allowed"),

@@ -110,3 +110,31 @@ def test_multirun_of_two_rank_jobs_shares_a_wandb_group(tmp_path, cache_dir):
     for run_file in sweep.glob("*/wandb/offline-run-*/run-*.wandb"):
         groups |= {r.run.run_group for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run"}
     assert groups == {f"run-{sweep.name}"}
+
+
+def test_control_sweep_compares_like_with_like(tmp_path, cache_dir):
+    """-m sampler=ddim_gmm,ddim_noise gmm.scale=...: the control reads gmm.scale (no job skipped),
+    and every job records its variance account; the control's excess is s^2 on the mixing steps."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "-m",
+            *SMALL,
+            "logger=none",
+            "save_images=false",
+            "sampler=ddim_gmm,ddim_noise",
+            "gmm.scale=0.5,1.0",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert not list(sweep.glob("*/skipped.json")) and len(runs) == 4
+    for result in runs:
+        account = result["variance_account"]
+        assert len(account["steps"]) == 5
+        if result["sampler"] == "ddim_noise":
+            scale = float(next(o for o in result["overrides"] if o.startswith("gmm.scale")).split("=")[1])
+            assert account["extra_per_dim"] == pytest.approx(scale**2 * 4 / 5 / 192, rel=1e-4)
+    assert "Variance account" in (sweep / "summary.md").read_text()

@@ -9,6 +9,7 @@ factories stay plain ``_target_`` dicts, instantiated where they are built.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class SamplerSpec:
     guidance_scale: Any
     options: dict[str, Any]  # keyword options of the function (eta, ...), gmm excluded
     gmm: dict[str, Any] | None  # GMMHyperparameters fields but dim and n_steps; None: no GMM
-    gmm_overrides: list[str] = field(default_factory=list)  # gmm.* overrides of this job
+    gmm_overrides: list[str] = field(default_factory=list)  # gmm.* overrides this sampler does not read
 
     @property
     def function(self) -> Sampler:
@@ -140,6 +141,21 @@ def sweep_group() -> str | None:
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
 
 
+def unread_gmm_overrides(cfg: DictConfig, overrides: list[str], uses_gmm: bool) -> list[str]:
+    """The gmm.* overrides that the sampler does not read: none for a GMM sampler; for another,
+    all but the gmm keys its own options interpolate (the control reads ${gmm.scale})."""
+    if uses_gmm:
+        return []
+    raw = OmegaConf.to_container(cfg.sampler, resolve=False)
+    read = {m.group(1) for value in raw.values() for m in re.finditer(r"\$\{gmm\.(\w+)\}", str(value))}
+    unread = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key.startswith("gmm.") and key.removeprefix("gmm.") not in read:
+            unread.append(override)
+    return unread
+
+
 def plain(node: Any) -> Any:
     """A resolved plain container (dict, list, value) of a config node."""
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
@@ -173,7 +189,7 @@ def resolve_run(cfg: DictConfig, overrides: list[str], sweep_group: str | None) 
             guidance_scale=sampler["guidance_scale"],
             options=options,
             gmm=plain(cfg.gmm) if "gmm" in takes else None,
-            gmm_overrides=[o for o in overrides if o.lstrip("+~").startswith("gmm.")],
+            gmm_overrides=unread_gmm_overrides(cfg, overrides, uses_gmm="gmm" in takes),
         ),
         data=DataSpec(
             **{k: plain(cfg.data[k]) for k in ("num_samples", "batch_size", "seed", "labels", "prompts_file")}

@@ -517,8 +517,11 @@ class GMM:
 
     # ----------------------------------------------------------------------------- draws
 
-    def draw_components(self, step_index: int, batch_size: int, generator: Generators = None) -> torch.Tensor:
-        """k ~ Categorical(pi_i) for each sample: one uniform from its generator, inverted.
+    def draw_components(
+        self, step_index: int, batch_size: int, generator: Generators = None, *, like: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """k ~ Categorical(pi_i) for each sample: one uniform from its generator, inverted
+        (``like``, the step's z, is what other kernels draw their shape from; unused here).
 
         The uniforms are drawn where the generator lives (the CPU for CPU generators), so a CUDA
         generator works with a CPU kernel and the other way round.

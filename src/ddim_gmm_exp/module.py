@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from ddim_gmm_exp.controls import VarianceAccount
 from ddim_gmm_exp.data import labels_of, prompts_of, sample_seeds
 from ddim_gmm_exp.gmm import GMM
 from ddim_gmm_exp.images import load_png, png_path, save_png, to_uint8
@@ -60,6 +61,7 @@ class SamplingModule(L.LightningModule):
         self.stats: dict[str, Any] = {}
         self.grid: list[torch.Tensor] = []
         self._gmm_on_device: GMM | None = None
+        self.account = VarianceAccount(adapter.dim)  # what the sampler injects, from its own steps
         self._seconds = 0.0
         self._count = 0
         self._batches = 0
@@ -71,6 +73,7 @@ class SamplingModule(L.LightningModule):
             self._gmm_on_device = self.plan.gmm.to(self.device)
         self.metrics.reset_and_load_reference(self.global_rank)
         self._seconds, self._count, self._batches, self.first_images = 0.0, 0, 0, []
+        self.account = VarianceAccount(self.adapter.dim)
         if self.global_rank == 0:
             self._score_resumed_images()
 
@@ -103,7 +106,9 @@ class SamplingModule(L.LightningModule):
             return classifier_free_guidance(adapter.model_output, x, t, cond, uncond, plan.guidance_scale)
 
         kernel = {"gmm": self._gmm_on_device} if plan.gmm is not None else {}
-        return plan.sampler(denoise, x, plan.schedule, generator=generators, **plan.options, **kernel)
+        return plan.sampler(
+            denoise, x, plan.schedule, generator=generators, callback=self.account, **plan.options, **kernel
+        )
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         indices = batch.cpu()
@@ -129,6 +134,11 @@ class SamplingModule(L.LightningModule):
         stats = self.run_stats(
             int(count), float(seconds), self.trainer.world_size, type(self.trainer.accelerator).__name__
         )
+        accounts = gather_objects(self.account.on_cpu(), self.trainer.world_size)
+        total = accounts[0]
+        for other in accounts[1:]:
+            total = total.merged(other)
+        stats["variance_account"] = total.summary()
         self.finish(metrics, stats, gather_objects(self.first_images, self.trainer.world_size))
 
     def score_without_sampling(self) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ddim_gmm_exp.controls import IsotropicOffsetKernel
 from ddim_gmm_exp.gmm import GMM
 from ddim_gmm_exp.noise import Generators
 from ddim_gmm_exp.sampling import Denoiser, StepCallback, ddim_sigmas, sample_ddim, x0_options
@@ -124,6 +125,23 @@ def ddim_gmm(
         prediction_type=schedule.prediction_type,
         **schedule.step_options,
     )
+
+
+def ddim_noise(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    schedule: DiffusionSchedule,
+    *,
+    generator: Generators = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+    scale: float = 1.0,
+    last_step: bool = False,
+) -> torch.Tensor:
+    """The control of DDIM-GMM (controls.py): the DDIM step plus a fresh isotropic offset of norm
+    exactly ``scale`` per sample and step, on the steps where the GMM would mix."""
+    kernel = IsotropicOffsetKernel(scale, last_step)
+    return ddim_gmm(denoiser, x, schedule, generator=generator, callback=callback, eta=eta, gmm=kernel)
 
 
 def kernel_sigmas(schedule: Schedule, eta: float) -> list[float]:

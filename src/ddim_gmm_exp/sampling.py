@@ -120,9 +120,10 @@ def ddim_step(
     dynamic_thresholding_ratio: float = 0.995,
     sample_max_value: float = 1.0,
     use_clipped_model_output: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_mean: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """One DDIM or DDIM-GMM step x_t -> x_s (Song et al. 2021 eq. 12, Gabbur 2026 eq. 7);
-    returns (x_s, x0_hat).
+    returns (x_s, x0_hat), and the deterministic mean m as a third item with ``return_mean``.
 
     ``noise`` is z and ``components`` the mixture indices k, both from :func:`kernel_noise`.
     With ``components`` (a mixture step) x_s = m + gmm.perturbation(i, sigma, z, k); without,
@@ -139,7 +140,8 @@ def ddim_step(
         eps = eps_from_x0(x_t, x0, abar_t)
     x_prev = ddim_mean(x0, eps, abar_prev, sigma)
     perturbation = kernel_perturbation(sigma, eta, noise, gmm, step_index, components)
-    return (x_prev if perturbation is None else x_prev + perturbation), x0
+    x_s = x_prev if perturbation is None else x_prev + perturbation
+    return (x_s, x0, x_prev) if return_mean else (x_s, x0)
 
 
 def kernel_perturbation(
@@ -188,7 +190,7 @@ def kernel_noise(
         z = randn(shape, generator, device=device, dtype=dtype)
     if not mixes:
         return (z if eta > 0 else None), None
-    return z, gmm.draw_components(step_index, z.shape[0], generator)
+    return z, gmm.draw_components(step_index, z.shape[0], generator, like=z)
 
 
 def concat_conditioning(unconditional: Any, conditional: Any) -> Any:
@@ -268,7 +270,7 @@ def sample_ddim(
         )
         abar_t = alphas_cumprod[int(t)]
         abar_prev = previous_abar(alphas_cumprod, timesteps, i, final_abar)
-        x, x0 = ddim_step(
+        x, x0, mean = ddim_step(
             model_output,
             x,
             abar_t,
@@ -279,11 +281,30 @@ def sample_ddim(
             step_index=i,
             components=components,
             prediction_type=prediction_type,
+            return_mean=True,
             **step_options,
         )
-        if callback is not None:
-            callback(i, t_batch, x, x0)
+        report_step(callback, i, t_batch, x, x0, mean, ddim_sigma(abar_t, abar_prev, eta))
     return x
+
+
+def report_step(
+    callback: StepCallback | None,
+    i: int,
+    t: torch.Tensor,
+    x_s: torch.Tensor,
+    x0: torch.Tensor,
+    mean: torch.Tensor,
+    sigma: torch.Tensor | float,
+) -> None:
+    """callback(i, t, x_s, x0_hat); a callback object that also has ``on_mean(i, x_s, m, sigma)``
+    gets the step's deterministic mean m too (the variance account, controls.VarianceAccount)."""
+    if callback is None:
+        return
+    callback(i, t, x_s, x0)
+    on_mean = getattr(callback, "on_mean", None)
+    if on_mean is not None:
+        on_mean(i, x_s, mean, float(sigma))
 
 
 def ddim_sigmas(

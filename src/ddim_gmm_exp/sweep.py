@@ -36,6 +36,10 @@ KEY_COLUMNS = [
 ]
 
 
+# per job: E||x_s - m||^2 / D over steps, its excess over DDIM's sigma^2, the clipped fraction
+ACCOUNT_COLUMNS = ["injected_per_dim", "extra_per_dim", "gmm_clipped_fraction"]
+
+
 def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:
     """One flat row per job's results.json under sweep_dir, in job order."""
     rows = []
@@ -44,7 +48,10 @@ def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:
         row = {"job": str(path.parent.relative_to(sweep_dir))}
         row |= {k: result.get(k) for k in ["model", *KEY_COLUMNS]}
         row |= result.get("metrics", {})
+        account = result.get("variance_account") or {}
         row |= {
+            "injected_per_dim": account.get("injected_per_dim"),
+            "extra_per_dim": account.get("extra_per_dim"),
             "gmm_clipped_fraction": result.get("gmm_clipped_fraction"),
             "images_per_second": result.get("images_per_second"),
             "overrides": " ".join(result.get("overrides", [])),
@@ -62,7 +69,7 @@ def _job_key(path: Path, sweep_dir: Path) -> tuple:
 
 
 def metric_names(rows: list[dict[str, Any]]) -> list[str]:
-    fixed = {"job", "model", "_only_model", "images_per_second", "overrides", "gmm_clipped_fraction", *KEY_COLUMNS}
+    fixed = {"job", "model", "_only_model", "images_per_second", "overrides", *ACCOUNT_COLUMNS, *KEY_COLUMNS}
     names: list[str] = []
     for row in rows:
         names += [k for k in row if k not in fixed and k not in names and isinstance(row[k], int | float)]
@@ -106,7 +113,7 @@ def write_summary(sweep_dir: str | Path) -> list[Path]:
         log.warning("no results.json under %s: no summary written", sweep_dir)
         return []
     metrics = metric_names(rows)
-    columns = ["job", "model", *KEY_COLUMNS, *metrics, "gmm_clipped_fraction", "images_per_second", "overrides"]
+    columns = ["job", "model", *KEY_COLUMNS, *metrics, *ACCOUNT_COLUMNS, "images_per_second", "overrides"]
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -123,8 +130,16 @@ def write_summary(sweep_dir: str | Path) -> list[Path]:
 
 
 def summary_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
-    """One table per metric (series x steps, mean +- std over seeds), then every metric in one table."""
-    return "\n".join(pivot_markdown(rows, m) for m in metrics) + "\n" + long_markdown(rows, metrics)
+    """One table per metric (series x steps, mean +- std over seeds), the variance account, then
+    every metric in one table."""
+    account = ""
+    if any(isinstance(r.get("extra_per_dim"), int | float) for r in rows):
+        account = (
+            "Variance account: E||x_s - m||^2 / D - sigma^2, the second moment a sampler injects beyond "
+            "DDIM's Gaussian, per coordinate, mean over steps (measured on the samples' own steps).\n\n"
+            + pivot_markdown(rows, "extra_per_dim").replace(" (lower is better;", " (")
+        )
+    return "\n".join(pivot_markdown(rows, m) for m in metrics) + "\n" + account + "\n" + long_markdown(rows, metrics)
 
 
 def pivot_markdown(rows: list[dict[str, Any]], metric: str) -> str:
