@@ -326,7 +326,7 @@ def run_metadata(spec: RunSpec, plan: SamplingPlan, notes: dict[str, str]) -> di
         "guidance_scale": spec.sampler.guidance_scale,
         "conditional": plan.labels is not None or plan.prompts is not None,
         "n_components": None,
-        "gmm_scale": None,
+        "gmm_scale": spec.sampler.options.get("scale"),  # the control's offset size (gmm.scale)
         "gmm_clipped_fraction": None,
         "gmm_memory_bytes": None,
         "seed": spec.data.seed,
