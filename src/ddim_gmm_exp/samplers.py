@@ -144,6 +144,60 @@ def ddim_noise(
     return ddim_gmm(denoiser, x, schedule, generator=generator, callback=callback, eta=eta, gmm=kernel)
 
 
+def rfim(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    schedule: FlowSchedule,
+    *,
+    generator: Generators = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """RFIM (Gabbur 2026, section 4): the rectified-flow DDIM analogue; eta = 0 is the Euler sampler."""
+    return rfim_gmm(denoiser, x, schedule, generator=generator, callback=callback, eta=eta, gmm=None)
+
+
+def rfim_gmm(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    schedule: FlowSchedule,
+    *,
+    generator: Generators = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+    gmm: GMM | None = None,
+) -> torch.Tensor:
+    """RFIM-GMM (Gabbur 2026, section 4): RFIM's mean plus the paper's Gaussian-mixture kernel."""
+    from ddim_gmm_exp.flow import sample_rfim
+
+    return sample_rfim(
+        denoiser,
+        x,
+        schedule.sigmas,
+        eta=eta,
+        gmm=gmm,
+        generator=generator,
+        callback=callback,
+        num_train_timesteps=schedule.num_train_timesteps,
+    )
+
+
+def rfim_noise(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    schedule: FlowSchedule,
+    *,
+    generator: Generators = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+    scale: float = 1.0,
+    last_step: bool = False,
+) -> torch.Tensor:
+    """The control of RFIM-GMM: the RFIM step plus a fresh isotropic offset of norm ``scale``."""
+    kernel = IsotropicOffsetKernel(scale, last_step)
+    return rfim_gmm(denoiser, x, schedule, generator=generator, callback=callback, eta=eta, gmm=kernel)
+
+
 def kernel_sigmas(schedule: Schedule, eta: float) -> list[float]:
     """sigma of every step, as the kernels use it: DDIM's eq. 16, or eta * s for the flow step t -> s."""
     if isinstance(schedule, FlowSchedule):

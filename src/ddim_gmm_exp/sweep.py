@@ -266,7 +266,7 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
 
 # ----------------------------------------------------------------------------------- paper format
 
-VARIANT_ORDER = ["DDIM", "DDIM_NOISE", "RAND", "ORTHO", "ORTHO-VUB", "ORTHO-VUB*"]
+VARIANT_ORDER = ["DDIM", "DDIM_NOISE", "RFIM", "RFIM_NOISE", "RAND", "ORTHO", "ORTHO-VUB", "ORTHO-VUB*"]
 
 
 def primary_metric(metrics: list[str]) -> str:
