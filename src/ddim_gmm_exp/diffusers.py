@@ -20,6 +20,16 @@ are added, and both survive ``from_config`` and ``save_pretrained``/``from_pretr
   steps_offset >= T // S.
 
 The step math is :func:`ddim_gmm_exp.sampling.ddim_step`.
+
+``RFIMScheduler`` does the same for rectified-flow pipelines (SD3, Flux): a
+``FlowMatchEulerDiscreteScheduler`` whose step is RFIM or RFIM-GMM (:func:`ddim_gmm_exp.flow.rfim_step`),
+with config ``eta`` and the ``gmm_*`` keys; at eta = 0 without a GMM it is diffusers' Euler step
+bit for bit:
+
+    from ddim_gmm_exp.diffusers import RFIMScheduler
+    pipe.scheduler = RFIMScheduler.from_config(pipe.scheduler.config, eta=0.2)
+    pipe.scheduler.set_gmm_params(gmm_params=gmm)
+    pipe.scheduler.set_generator(torch.Generator().manual_seed(0))   # pipelines pass none to step()
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
+from ddim_gmm_exp.flow import check_flow_eta, rfim_sigma, rfim_step
 from ddim_gmm_exp.gmm import GMM, GMMHyperparameters
 from ddim_gmm_exp.noise import Generators
 from ddim_gmm_exp.sampling import (
@@ -48,7 +60,7 @@ from ddim_gmm_exp.sampling import (
     x0_options,
 )
 
-__all__ = ["DDIMScheduler", "DDIMGMMScheduler", "GMM"]
+__all__ = ["DDIMScheduler", "DDIMGMMScheduler", "RFIMScheduler", "GMM"]
 
 _GMM_FIELDS = [f.name for f in dataclasses.fields(GMMHyperparameters)]
 # Config key -> default; gmm_n_components = None means "no GMM".
@@ -271,3 +283,205 @@ class DDIMScheduler(diffusers.DDIMScheduler):
 
 
 DDIMGMMScheduler = DDIMScheduler
+
+
+# ---------------------------------------------------------------------------------------- RFIM
+
+# Every config key RFIMScheduler adds to diffusers' FlowMatchEulerDiscreteScheduler -> default.
+RFIM_CONFIG_DEFAULTS: dict[str, Any] = {"eta": 0.0, **GMM_CONFIG_DEFAULTS}
+
+
+def _merged_flow_signature() -> inspect.Signature:
+    """diffusers.FlowMatchEulerDiscreteScheduler's init parameters (whatever the version) + ours."""
+    parent = inspect.signature(diffusers.FlowMatchEulerDiscreteScheduler.__init__)
+    params = [p for p in parent.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [
+        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for key, default in RFIM_CONFIG_DEFAULTS.items()
+    ]
+    return parent.replace(parameters=params)
+
+
+def _rfim_init(self: RFIMScheduler, *args: Any, **kwargs: Any) -> None:
+    gmm_config = {key: kwargs.pop(key, None) for key in GMM_CONFIG_DEFAULTS}
+    kwargs.pop("eta", None)  # registered by the decorator; read from self.config
+    # The parent's undecorated init: our decorator already registered the whole config.
+    diffusers.FlowMatchEulerDiscreteScheduler.__init__.__wrapped__(self, *args, **kwargs)
+    check_flow_eta(self.config.eta)
+    self.gmm_params = None
+    self._gmm_by_device: dict[torch.device, GMM] = {}
+    self._generator: Generators = None
+    self._step_clipped: dict[int, float | None] = {}
+    if gmm_config["gmm_n_components"] is not None:
+        hyperparameters_from_config(gmm_config).validate()
+
+
+_rfim_init.__signature__ = _merged_flow_signature()
+
+
+@dataclasses.dataclass
+class RFIMSchedulerOutput(FlowMatchEulerDiscreteSchedulerOutput):
+    """diffusers' flow-match output, plus x0_hat (None where diffusers' own step ran)."""
+
+    pred_original_sample: torch.Tensor | None = None
+
+
+class RFIMScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
+    """diffusers' FlowMatchEulerDiscreteScheduler stepping with RFIM or RFIM-GMM (Gabbur 2026 section 4).
+
+        scheduler = RFIMScheduler.from_config(pipe.scheduler.config, eta=0.2)
+        scheduler.set_gmm_params(gmm_params=gmm)   # GMM().initialize(dim, n_components, n_steps)
+        scheduler.set_generator(torch.Generator().manual_seed(0))
+        pipe.scheduler = scheduler
+
+    Config ``eta`` (sigma = eta * sigma_next, in [0, 1]) and the GMM's ``gmm_*`` keys survive
+    ``from_config`` and ``save_pretrained``/``from_pretrained``. The step runs between the
+    scheduler's own ``self.sigmas`` (SD3's shift, Flux's dynamic shifting, shift_terminal, Karras...
+    all respected) at diffusers' ``step_index``, which is also the GMM's step index. With eta = 0
+    and no GMM it is diffusers' Euler step bit for bit. Pipelines call ``step`` without a
+    generator: the one from :meth:`set_generator` is used then. The step math is
+    :func:`ddim_gmm_exp.flow.rfim_step`.
+    """
+
+    __init__ = register_to_config(_rfim_init)
+
+    # the same config bookkeeping, GMM placement and clipping report as DDIMScheduler's
+    _register_as_given = DDIMScheduler._register_as_given
+    _gmm_on = DDIMScheduler._gmm_on
+    _gmm_for_timesteps = DDIMScheduler._gmm_for_timesteps
+    clipped_fraction = DDIMScheduler.clipped_fraction
+
+    def _num_steps(self) -> int | None:
+        """The number of sampling steps after set_timesteps, else None."""
+        return None if getattr(self, "num_inference_steps", None) is None else len(self.timesteps)
+
+    def set_eta(self, eta: float) -> None:
+        """Use ``eta`` (in [0, 1]) from now on; it goes into the config."""
+        check_flow_eta(eta)
+        self._register_as_given(eta=float(eta))
+
+    def set_generator(self, generator: Generators) -> None:
+        """The generator (one, or one per sample) that ``step`` draws from when it is given none."""
+        is_list = isinstance(generator, list | tuple) and all(isinstance(g, torch.Generator) for g in generator)
+        if generator is not None and not isinstance(generator, torch.Generator) and not is_list:
+            raise ValueError(
+                f"generator={generator!r} is not allowed: pass a torch.Generator, a list of them "
+                "(one per sample) or None"
+            )
+        self._generator = generator
+
+    def set_gmm_params(self, gmm_params: GMM | None = None) -> None:
+        """Use ``gmm_params`` for the kernel from now on (None: plain RFIM again).
+
+        Its hyperparameters go into the config, so ``from_config`` and ``save_pretrained`` keep
+        them. Every check runs first: a refused GMM leaves the scheduler as it was.
+        """
+        if gmm_params is None:
+            self._register_as_given(**GMM_CONFIG_DEFAULTS)
+            self.gmm_params = None
+            self._gmm_by_device = {}
+            return
+        if not isinstance(gmm_params, GMM):
+            raise ValueError(f"gmm_params={gmm_params!r} is not allowed: pass a ddim_gmm_exp GMM or None")
+        if not gmm_params.initialized:
+            raise ValueError("gmm_params has no parameters yet: call gmm_params.initialize(...) first")
+        if self._num_steps() is not None:
+            gmm_params.check_num_steps(self._num_steps())
+        self._register_as_given(**{f"gmm_{k}": v for k, v in gmm_params.state_dict().items()})
+        self.gmm_params = gmm_params
+        self._gmm_by_device = {gmm_params.device: gmm_params}
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+    ) -> None:
+        """diffusers' timesteps and sigmas; builds the GMM from the config if it was loaded from one.
+
+        A refused call (a GMM without a step for each timestep) leaves the scheduler as it was.
+        """
+        names = ("timesteps", "sigmas", "num_inference_steps", "_step_index", "_begin_index")
+        previous = {name: getattr(self, name, None) for name in names}
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+        try:
+            gmm = self._gmm_for_timesteps()
+            if gmm is not None:
+                gmm.check_num_steps(len(self.timesteps))
+        except Exception:  # undo diffusers' part: a refused call must change nothing
+            for name, value in previous.items():
+                setattr(self, name, value)
+            raise
+        self._step_clipped = {}
+        if gmm is not self.gmm_params:
+            self.gmm_params = gmm
+            self._gmm_by_device = {gmm.device: gmm}
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: Generators = None,
+        per_token_timesteps: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> RFIMSchedulerOutput | tuple:
+        """One RFIM or RFIM-GMM step from ``self.sigmas[i]`` to ``self.sigmas[i + 1]``, i = step_index.
+
+        Computed in float32 (the sample is upcast, as diffusers does) and returned in the model
+        output's dtype. ``generator`` (else the scheduler's own) draws z and the components.
+        s_churn, s_tmin, s_tmax and s_noise are accepted and unused, as in diffusers.
+        """
+        eta = float(self.config.eta)
+        gmm = self._gmm_on(model_output.device)
+        if per_token_timesteps is not None or self.config.stochastic_sampling:
+            if eta == 0 and gmm is None:  # diffusers' own variants, untouched
+                return super().step(
+                    model_output,
+                    timestep,
+                    sample,
+                    generator=generator if generator is not None else self._generator,
+                    per_token_timesteps=per_token_timesteps,
+                    return_dict=return_dict,
+                )
+            raise ValueError(
+                "per_token_timesteps and stochastic_sampling are diffusers' own steps: they are not allowed "
+                f"with eta={eta} or a GMM (stochastic_sampling is RFIM with eta=1.0: set eta=1.0 instead)"
+            )
+        if isinstance(timestep, int) or isinstance(timestep, torch.IntTensor | torch.LongTensor):
+            raise ValueError(
+                f"timestep={timestep!r} is not allowed: pass one of scheduler.timesteps (a float), "
+                "not an integer index from enumerate(timesteps)"
+            )
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        i, num_steps = self.step_index, len(self.timesteps)
+        sample = sample.to(torch.float32)  # as diffusers: avoid precision issues in the update
+        t, s = self.sigmas[i], self.sigmas[i + 1]
+        noise, components = kernel_noise(
+            sample.shape,
+            generator if generator is not None else self._generator,
+            device=sample.device,
+            dtype=sample.dtype,
+            gmm=gmm,
+            step_index=i,
+            num_steps=num_steps,
+            eta=eta,
+        )
+        if gmm is not None:
+            mixes = gmm.mixes_at(i, num_steps, eta)
+            self._step_clipped[i] = gmm.step_clipped_fraction(i, float(rfim_sigma(s, eta))) if mixes else None
+        prev_sample, x0 = rfim_step(
+            model_output, sample, t, s, eta, noise, gmm=gmm, step_index=i, components=components
+        )
+        self._step_index += 1
+        prev_sample = prev_sample.to(model_output.dtype)  # as diffusers: back to the model's dtype
+        if not return_dict:
+            return (prev_sample,)
+        return RFIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ddim_gmm_exp.controls import IsotropicOffsetKernel
+from ddim_gmm_exp.flow import rfim_sigmas, sample_rfim
 from ddim_gmm_exp.gmm import GMM
 from ddim_gmm_exp.noise import Generators
 from ddim_gmm_exp.sampling import Denoiser, StepCallback, ddim_sigmas, sample_ddim, x0_options
@@ -168,8 +169,6 @@ def rfim_gmm(
     gmm: GMM | None = None,
 ) -> torch.Tensor:
     """RFIM-GMM (Gabbur 2026, section 4): RFIM's mean plus the paper's Gaussian-mixture kernel."""
-    from ddim_gmm_exp.flow import sample_rfim
-
     return sample_rfim(
         denoiser,
         x,
@@ -201,7 +200,7 @@ def rfim_noise(
 def kernel_sigmas(schedule: Schedule, eta: float) -> list[float]:
     """sigma of every step, as the kernels use it: DDIM's eq. 16, or eta * s for the flow step t -> s."""
     if isinstance(schedule, FlowSchedule):
-        return [eta * s for s in schedule.sigmas[1:]]
+        return rfim_sigmas(schedule.sigmas, eta)
     return ddim_sigmas(schedule.alphas_cumprod, schedule.timesteps, schedule.final_abar, eta)
 
 

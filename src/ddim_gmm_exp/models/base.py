@@ -25,7 +25,11 @@ class ModelAdapter(torch.nn.Module):
         scheduler_config: a diffusers DDIMScheduler config (dict) with the training schedule.
         num_classes: number of class labels, or 0 for an unconditional model. Class
             ``num_classes`` is the null class used for classifier-free guidance.
+        family: "diffusion" (DDPM-trained: eps, v or x0 over alpha-bars) or "flow" (rectified
+            flow: velocity over sigmas, with ``flow_sigmas``); the sampler must walk the same.
     """
+
+    family: str = "diffusion"
 
     sample_shape: tuple[int, ...] = ()
     scheduler_config: dict[str, Any] = {}
@@ -46,6 +50,10 @@ class ModelAdapter(torch.nn.Module):
     def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The network's output (eps, v or x0, as scheduler_config's prediction_type says)."""
         raise NotImplementedError
+
+    def flow_sigmas(self, steps: int) -> list[float]:
+        """A flow family's time grid for ``steps`` steps: sigmas from the noisiest down to 0."""
+        raise NotImplementedError(f"{type(self).__name__} is not a flow model")
 
     def null_condition(self, cond: Any) -> Any:
         """The unconditional counterpart of ``cond`` for classifier-free guidance."""

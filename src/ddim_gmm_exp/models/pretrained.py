@@ -275,3 +275,112 @@ def ddpm_cifar10_unet(block_out_channels: tuple[int, ...] = (128, 256, 256, 256)
         flip_sin_to_cos=False,
         freq_shift=1,
     )
+
+
+class StableDiffusion3Adapter(PretrainedAdapter):
+    """Stable Diffusion 3 / 3.5 (rectified flow, MMDiT), text-to-image: prompts through the
+    pipeline's own ``encode_prompt`` (two CLIPs, and T5 where the checkpoint has it and
+    ``text_encoder_3`` is on; without it SD3 uses zeros), the scheduler's own shifted sigmas
+    (SD3's shift, dynamic shifting with the pipeline's mu where configured), VAE decode with its
+    scaling and shift factors. The model is called at t = sigma * 1000 and predicts v = x1 - x0."""
+
+    family = "flow"
+    takes_prompts = True
+
+    def __init__(
+        self,
+        path: str | None = None,
+        id: str | None = None,
+        offline: bool = True,
+        resolution: int | None = None,
+        text_encoder_3: bool = True,
+        max_sequence_length: int = 256,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        from diffusers import StableDiffusion3Pipeline
+
+        source = checkpoint_source(path, id)
+        kwargs: dict[str, Any] = {"local_files_only": offline, "low_cpu_mem_usage": False}
+        if not text_encoder_3:  # SD3 runs without T5 (zeros in its place): far less memory
+            kwargs |= {"text_encoder_3": None, "tokenizer_3": None}
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"cannot load the Stable Diffusion 3 pipeline from {source!r} offline: download the checkpoint "
+                f"where the hub is reachable (hf download {source} --local-dir DIR) and pass model.path=DIR"
+            ) from err
+        pipe.set_progress_bar_config(disable=True)
+        self.pipeline = pipe  # not a Module: its modules are registered below, so .to(device) moves them
+        self.text_encoder, self.text_encoder_2, self.text_encoder_3 = (
+            pipe.text_encoder,
+            pipe.text_encoder_2,
+            pipe.text_encoder_3,
+        )
+        self.autoencoder = pipe.vae.eval().requires_grad_(False)
+        self.latent_scale = pipe.vae.config.scaling_factor
+        self.latent_shift = pipe.vae.config.get("shift_factor") or 0.0
+        self.denoiser = self.prepare_denoiser(pipe.transformer)
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.max_sequence_length = max_sequence_length
+        vae_scale = pipe.vae_scale_factor
+        size = resolution or pipe.transformer.config.sample_size * vae_scale
+        self.sample_shape = (pipe.transformer.config.in_channels, size // vae_scale, size // vae_scale)
+        self.patch_size = pipe.transformer.config.patch_size
+
+    def flow_sigmas(self, steps: int) -> list[float]:
+        """The pipeline's own time grid for ``steps``: FlowMatchEulerDiscreteScheduler.set_timesteps,
+        with SD3's shift, and dynamic shifting's mu computed as the pipeline computes it."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting"):
+            seq_len = (self.sample_shape[1] // self.patch_size) * (self.sample_shape[2] // self.patch_size)
+            kwargs["mu"] = calculate_shift(
+                seq_len,
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(steps, **kwargs)
+        return [float(s) for s in scheduler.sigmas]
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"embeds": embeds, "pooled": pooled}
+
+    def encode_condition(self, labels: Any, prompts: list[str] | None, device: torch.device) -> dict[str, torch.Tensor]:
+        if prompts is None:
+            raise ConfigError("a text-to-image model needs prompts: give data.prompts_file")
+        return self.embed(prompts, device)
+
+    def null_condition(self, cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        empty = self.embed([""], cond["embeds"].device)
+        return {k: v.expand_as(cond[k]) for k, v in empty.items()}
+
+    def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.autocast(x.device):
+            out = self.denoiser(
+                hidden_states=x,
+                timestep=t,
+                encoder_hidden_states=cond["embeds"],
+                pooled_projections=cond["pooled"],
+                return_dict=False,
+            )[0]
+        return out.float()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.autoencoder.decode(latents / self.latent_scale + self.latent_shift).sample
+        return ((images + 1) / 2).clamp(0, 1)

@@ -6,7 +6,8 @@ p_t(x) = sum_j w_j N(sqrt(abar_t) mu_j, v_j I) with v_j = abar_t s_j^2 + 1 - aba
 optimal noise prediction is closed form:
     eps*(x, t) = -sqrt(1 - abar_t) grad log p_t(x) = sqrt(1 - abar_t) sum_j r_j(x) (x - sqrt(abar_t) mu_j) / v_j
 with r_j(x) the posterior responsibilities. A sampler that is exact in the limit of many steps
-must then reproduce the data law's moments, which the tests check.
+must then reproduce the data law's moments, which the tests check. For rectified flow
+(x_t = (1 - t) x0 + t x1) the same mixture gives the exact velocity E[x1 - x0 | x_t] (velocity()).
 
 It has CompVis's model interface (apply_model, alphas_cumprod, num_timesteps, parameterization),
 and class labels: c = j conditions on mode j, c = n_modes (the null class) does not condition.
@@ -99,15 +100,40 @@ class ToyGMMModel(torch.nn.Module):
         var = abar * self.stds**2 + (1 - abar)  # (B, J): v_j
         centred = flat[:, None, :] - abar.sqrt()[..., None] * self.means  # (B, J, D)
         log_lik = -(centred**2).sum(-1) / (2 * var) - 0.5 * flat.shape[1] * var.log()
+        resp = self._responsibilities(log_lik, labels)  # r_j(x)
+        eps = (1 - abar).sqrt() * (resp[..., None] * centred / var[..., None]).sum(1)
+        return eps.reshape(x.shape).to(x.dtype)
+
+    def _responsibilities(self, log_lik: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """r_j(x) (B, J) from the modes' log-likelihoods; a label j < n_modes fixes the mode to j."""
         log_post = log_lik + self.weights.log()
         if labels is not None:
             conditioned = labels < self.n_modes
             one_mode = torch.full_like(log_post, -math.inf)
             one_mode[conditioned, labels[conditioned]] = 0.0
             log_post = torch.where(conditioned[:, None], one_mode, log_post)
-        resp = log_post.softmax(dim=-1)  # r_j(x)
-        eps = (1 - abar).sqrt() * (resp[..., None] * centred / var[..., None]).sum(1)
-        return eps.reshape(x.shape).to(x.dtype)
+        return log_post.softmax(dim=-1)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The exact rectified-flow velocity E[x_1 - x_0 | x_t] at x_t (B, *shape), flow times t in [0, 1].
+
+        Interpolation x_t = a x_0 + b x_1 with a = 1 - t, b = t, x_1 ~ N(0, I). Given mode j,
+        (x_0, x_t) are jointly Gaussian: x_t ~ N(a mu_j, V_j I) with V_j = a^2 s_j^2 + b^2, and
+            E[x_0 | x_t, j] = mu_j + a s_j^2 (x_t - a mu_j) / V_j,   E[x_1 | x_t, j] = b (x_t - a mu_j) / V_j,
+        so  v_j(x_t) = (b - a s_j^2) (x_t - a mu_j) / V_j - mu_j  and  v = sum_j r_j(x_t) v_j(x_t),
+        r_j the posterior responsibilities under p_t = sum_j w_j N(a mu_j, V_j I). Equivalently
+        v = (eps* - x_t) / (1 - t), eps* = E[x_1 | x_t] = -t grad log p_t(x_t) (the tests check both).
+        """
+        flat = x.reshape(x.shape[0], -1).double()
+        b = torch.as_tensor(t, dtype=torch.float64, device=flat.device).reshape(-1, 1).expand(flat.shape[0], 1)
+        a = 1 - b  # (B, 1)
+        var = a**2 * self.stds**2 + b**2  # (B, J): V_j
+        centred = flat[:, None, :] - a[..., None] * self.means  # (B, J, D)
+        log_lik = -(centred**2).sum(-1) / (2 * var) - 0.5 * flat.shape[1] * var.log()
+        resp = self._responsibilities(log_lik, labels)
+        per_mode = ((b - a * self.stds**2) / var)[..., None] * centred - self.means  # (B, J, D): v_j
+        v = (resp[..., None] * per_mode).sum(1)
+        return v.reshape(x.shape).to(x.dtype)
 
     def apply_model(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """CompVis's interface: eps for (x_t, t, class labels or None)."""
