@@ -259,3 +259,21 @@ def test_sd3_pipeline_with_rfim(sd3):
         assert sd3.scheduler.clipped_fraction is not None
     finally:
         sd3.scheduler = parent_scheduler
+
+
+def test_readme_snippet_runs_as_written():
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ddim_gmm_exp.diffusers import GMM, RFIMScheduler
+
+    flow_scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # or pipe.scheduler of an SD3 pipeline
+    scheduler = RFIMScheduler.from_config(flow_scheduler.config, eta=0.2)
+    scheduler.set_gmm_params(gmm_params=GMM().initialize(dim=16 * 32 * 32, n_components=8, n_steps=28, scale=1.0))
+    scheduler.set_generator(torch.Generator().manual_seed(0))  # pipelines call step() without one
+    scheduler.set_timesteps(28)
+    x = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    for t in scheduler.timesteps:
+        x = scheduler.step(0.1 * x, t, x).prev_sample
+    assert x.shape == (1, 16, 32, 32) and torch.isfinite(x).all()
+    assert scheduler.config.eta == 0.2 and scheduler.config.shift == 3.0
