@@ -195,6 +195,11 @@ def check_model_fit(spec: RunSpec, adapter: Any) -> None:
     """What depends on the model family: labels, guidance's null class, prediction type, the number
     of training timesteps, and the GMM's size against the sample size."""
     sampler, model = spec.sampler, spec.model
+    if adapter.family != model.family:
+        raise ConfigError(
+            f"model={model.name} says family={model.family!r} but its adapter {type(adapter).__name__} is a "
+            f"{adapter.family} model: set family: {adapter.family} in conf/model/{model.name}.yaml"
+        )
     labels = resolve_labels(spec.data.labels, adapter.num_classes)
     if labels is not None and sampler.guidance_scale not in (0, 1) and adapter.null_label is None:
         raise ConfigError(
