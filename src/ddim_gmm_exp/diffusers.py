@@ -70,14 +70,11 @@ PREVIOUS_TIMESTEP_RULES = ("diffusers", "listed")
 EXTRA_CONFIG_DEFAULTS: dict[str, Any] = {"previous_timestep": "diffusers", **GMM_CONFIG_DEFAULTS}
 
 
-def _merged_signature() -> inspect.Signature:
-    """diffusers.DDIMScheduler's init parameters (whatever the installed version) + ours."""
-    parent = inspect.signature(diffusers.DDIMScheduler.__init__)
+def _merged_signature(parent_init: Any, extra: dict[str, Any]) -> inspect.Signature:
+    """A diffusers scheduler's init parameters (whatever the installed version) + our config keys."""
+    parent = inspect.signature(parent_init)
     params = [p for p in parent.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    params += [
-        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default)
-        for key, default in EXTRA_CONFIG_DEFAULTS.items()
-    ]
+    params += [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=value) for key, value in extra.items()]
     return parent.replace(parameters=params)
 
 
@@ -100,7 +97,7 @@ def _init(self: DDIMScheduler, *args: Any, **kwargs: Any) -> None:
         hyperparameters_from_config(gmm_config).validate()
 
 
-_init.__signature__ = _merged_signature()
+_init.__signature__ = _merged_signature(diffusers.DDIMScheduler.__init__, EXTRA_CONFIG_DEFAULTS)
 
 
 def hyperparameters_from_config(config: Any) -> GMMHyperparameters:
@@ -291,17 +288,6 @@ DDIMGMMScheduler = DDIMScheduler
 RFIM_CONFIG_DEFAULTS: dict[str, Any] = {"eta": 0.0, **GMM_CONFIG_DEFAULTS}
 
 
-def _merged_flow_signature() -> inspect.Signature:
-    """diffusers.FlowMatchEulerDiscreteScheduler's init parameters (whatever the version) + ours."""
-    parent = inspect.signature(diffusers.FlowMatchEulerDiscreteScheduler.__init__)
-    params = [p for p in parent.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    params += [
-        inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default)
-        for key, default in RFIM_CONFIG_DEFAULTS.items()
-    ]
-    return parent.replace(parameters=params)
-
-
 def _rfim_init(self: RFIMScheduler, *args: Any, **kwargs: Any) -> None:
     gmm_config = {key: kwargs.pop(key, None) for key in GMM_CONFIG_DEFAULTS}
     kwargs.pop("eta", None)  # registered by the decorator; read from self.config
@@ -316,7 +302,7 @@ def _rfim_init(self: RFIMScheduler, *args: Any, **kwargs: Any) -> None:
         hyperparameters_from_config(gmm_config).validate()
 
 
-_rfim_init.__signature__ = _merged_flow_signature()
+_rfim_init.__signature__ = _merged_signature(diffusers.FlowMatchEulerDiscreteScheduler.__init__, RFIM_CONFIG_DEFAULTS)
 
 
 @dataclasses.dataclass
