@@ -187,7 +187,8 @@ def test_optimized_metric_is_returned_to_the_sweeper(tmp_path, cache_dir):
     assert exit_info.value.code == 2
 
 
-def test_wandb_run_is_finished_on_error(tmp_path, cache_dir, monkeypatch):
+def test_wandb_run_is_finished_on_error(tmp_path, cache_dir, monkeypatch, caplog):
+    """...and an interrupted run says how to resume it, with its own directory."""
     import wandb
 
     from ddim_gmm_exp.module import SamplingModule
@@ -200,6 +201,7 @@ def test_wandb_run_is_finished_on_error(tmp_path, cache_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         run(cfg)
     assert wandb.run is None
+    assert f"resume with  python run.py resume=true hydra.run.dir={tmp_path}" in caplog.text
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     for _ in range(300):
         exits = [r.exit.exit_code for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]

@@ -121,7 +121,7 @@ def write_summary(sweep_dir: str | Path) -> list[Path]:
     (sweep_dir / "summary.md").write_text(summary_markdown(rows, metrics))
     plot_summary(rows, metrics, sweep_dir / "summary.png")
     written = [sweep_dir / name for name in ("summary.csv", "summary.md", "summary.png")]
-    if any(row.get("n_components") is not None for row in rows):
+    if any(row.get("gmm_scale") is not None for row in rows):  # a GMM or a control in the sweep
         metric = primary_metric(metrics)
         (sweep_dir / "paper.md").write_text(paper_markdown(rows, metric))
         plot_paper(rows, metric, sweep_dir / "paper.png")
@@ -239,7 +239,8 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
     for ax, metric in zip(axes.flat, shown, strict=False):
         values = []
         for label, points in aggregate(rows, metric).items():
-            errors = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+            # clamped: the mean of equal values can round a hair past them
+            errors = [[max(p[1] - p[2], 0.0) for p in points], [max(p[3] - p[1], 0.0) for p in points]]
             values += [p[3] for p in points] + [p[2] for p in points]
             ax.errorbar(
                 [p[0] for p in points], [p[1] for p in points], yerr=errors, capsize=3, label=label, **style[label]
