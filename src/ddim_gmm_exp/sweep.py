@@ -81,8 +81,8 @@ def series_label(row: dict[str, Any]) -> str:
     label = f"{row['sampler']} eta={row['eta']}"
     if row.get("n_components") is not None:
         label += f" {row.get('variant')} K={row['n_components']}"
-        if row.get("gmm_scale") is not None:
-            label += f" s={row['gmm_scale']}"
+    if row.get("gmm_scale") is not None:  # a GMM's or a control's offset size
+        label += f" s={row['gmm_scale']}"
     if row.get("guidance_scale") not in (None, 1.0, 0.0) and row.get("conditional") is not False:
         label += f" cfg={row['guidance_scale']}"
     if row.get("model") is not None and row.get("model") != row.get("_only_model"):
@@ -137,7 +137,7 @@ def summary_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
         account = (
             "Variance account: E||x_s - m||^2 / D - sigma^2, the second moment a sampler injects beyond "
             "DDIM's Gaussian, per coordinate, mean over steps (measured on the samples' own steps).\n\n"
-            + pivot_markdown(rows, "extra_per_dim").replace(" (lower is better;", " (")
+            + pivot_markdown(rows, "extra_per_dim").replace("lower is better; ", "")
         )
     return "\n".join(pivot_markdown(rows, m) for m in metrics) + "\n" + account + "\n" + long_markdown(rows, metrics)
 
