@@ -16,7 +16,7 @@ def test_bench_kernel_prints_its_table():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 3x32x32")]
-    assert len(rows) == 2  # diagonal and full
+    assert len(rows) == 3  # paper, matched_diagonal, matched_full
 
 
 def test_bench_gpu_runs_on_cpu_at_small_sizes(tmp_path):

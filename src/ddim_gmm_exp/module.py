@@ -52,8 +52,11 @@ class SamplingModule(L.LightningModule):
         adapter: ModelAdapter,
         plan: SamplingPlan,
         metrics: MetricSuite,
+        config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # the run's composed config: Lightning logs it (W&B config, CSV hparams) on the sampling rank
+        self.save_hyperparameters(config or {})
         self.adapter = adapter
         self.plan = plan
         self.metrics = metrics

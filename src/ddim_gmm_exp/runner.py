@@ -73,7 +73,7 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
 
     reporter = ReportResults(spec.output.output_dir, run_metadata(spec, plan, notes), started)
     trainer = build_trainer(spec, reporter)
-    module = SamplingModule(adapter, plan, metrics)
+    module = SamplingModule(adapter, plan, metrics, config=spec.output.loggable)
     log.info(
         "sampling %d of %d samples (%d already on disk) with %s, %d steps",
         len(todo),
@@ -279,12 +279,12 @@ def build_fid(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter) -> 
 
 
 def build_logger(spec: RunSpec) -> Any:
-    """The logger of conf/logger (a _target_), with the run's config; False for logger=none."""
+    """The logger of conf/logger (a _target_); False for logger=none."""
     if not spec.output.logger.get("_target_"):
         return False
-    logger = instantiate(spec.output.logger)
-    logger.log_hyperparams(spec.output.loggable)
-    return logger
+    # the run's config reaches it through the module's hyperparameters, which Lightning logs in the
+    # process that samples: creating the W&B run here, before ddp_fork forks, would hang the ranks
+    return instantiate(spec.output.logger)
 
 
 def build_trainer(spec: RunSpec, reporter: ReportResults) -> Any:
