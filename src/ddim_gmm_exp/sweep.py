@@ -225,7 +225,7 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
     rows_n = math.ceil(len(shown) / cols)
     labels = sorted({series_label(r) for r in rows})
     legend_rows = math.ceil(len(labels) / 2)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n + 0.35 * legend_rows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n + 0.17 * legend_rows + 0.8), squeeze=False)
     markers = "osD^v<>pPX*h"
     style = {
         label: dict(
@@ -259,8 +259,9 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, (0.35 * legend_rows + 0.3) / fig.get_figheight(), 1, 1))
+    bottom = (0.17 * legend_rows + 0.3) / fig.get_figheight()  # room for the legend, right under the panels
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, bottom), ncol=2, fontsize=8, frameon=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
