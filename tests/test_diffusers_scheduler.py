@@ -378,7 +378,7 @@ def scheduler_state(scheduler):
         dict(scheduler.config),
         scheduler.timesteps.clone(),
         scheduler.num_inference_steps,
-        dict(scheduler._step_clipped),
+        dict(scheduler._step_sigmas),
         scheduler.clipped_fraction,
     )
 

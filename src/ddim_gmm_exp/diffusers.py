@@ -92,7 +92,7 @@ def _init(self: DDIMScheduler, *args: Any, **kwargs: Any) -> None:
     self._gmm_by_device: dict[torch.device, GMM] = {}
     self._step_index_of: dict[int, int] = {}
     self._warned_eta_zero = False
-    self._step_clipped: dict[int, float | None] = {}
+    self._step_sigmas: dict[int, float | None] = {}
     if gmm_config["gmm_n_components"] is not None:
         hyperparameters_from_config(gmm_config).validate()
 
@@ -119,7 +119,7 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         self.register_to_config(**values, _use_default_values=defaults)
 
     def set_gmm_params(self, gmm_params: GMM | None = None) -> None:
-        """Use ``gmm_params`` for the variance noise from now on (None: plain DDIM again).
+        """Use ``gmm_params`` for the kernel from now on (None: the plain Gaussian step again).
 
         Its hyperparameters go into the config, so ``from_config`` and ``save_pretrained`` keep
         them. Every check runs first: a refused GMM leaves the scheduler as it was.
@@ -133,11 +133,15 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             raise ValueError(f"gmm_params={gmm_params!r} is not allowed: pass a ddim_gmm_exp GMM or None")
         if not gmm_params.initialized:
             raise ValueError("gmm_params has no parameters yet: call gmm_params.initialize(...) first")
-        if self.num_inference_steps is not None:
-            gmm_params.check_num_steps(len(self.timesteps))
+        if self._num_steps() is not None:
+            gmm_params.check_num_steps(self._num_steps())
         self._register_as_given(**{f"gmm_{k}": v for k, v in gmm_params.state_dict().items()})
         self.gmm_params = gmm_params
         self._gmm_by_device = {gmm_params.device: gmm_params}
+
+    def _num_steps(self) -> int | None:
+        """The number of sampling steps after set_timesteps, else None."""
+        return None if getattr(self, "num_inference_steps", None) is None else len(self.timesteps)
 
     def _checked_num_inference_steps(self, num_inference_steps: Any) -> int:
         """``num_inference_steps`` as an int (numpy integers allowed, as diffusers allows them)."""
@@ -173,7 +177,7 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         except Exception:  # undo diffusers' part: a refused call must change nothing
             self.timesteps, self.num_inference_steps = previous
             raise
-        self._step_clipped = {}
+        self._step_sigmas = {}
         self._step_index_of = {int(t): i for i, t in reversed(list(enumerate(self.timesteps.tolist())))}
         if gmm is not self.gmm_params:
             self.gmm_params = gmm
@@ -182,11 +186,14 @@ class DDIMScheduler(diffusers.DDIMScheduler):
     @property
     def clipped_fraction(self) -> float | None:
         """Of the mixture steps run since set_timesteps, the mean fraction of coordinates whose
-        component variance was clipped at 0 (sigma^2 < v_k); None before any GMM step."""
-        fractions = [f for f in self._step_clipped.values() if f is not None]
-        if not self._step_clipped:
+        component variance was clipped at 0 (sigma^2 < v_k); None before any GMM step. Computed
+        here, from each step's recorded sigma, not on the sampling path."""
+        if not self._step_sigmas or self.gmm_params is None:
             return None
-        return sum(fractions) / len(fractions) if fractions else 0.0
+        mixing = {i: sigma for i, sigma in self._step_sigmas.items() if sigma is not None}
+        if not mixing:
+            return 0.0
+        return float(np.mean([self.gmm_params.step_clipped_fraction(i, s) for i, s in mixing.items()]))
 
     def step_index_of(self, timestep: int | torch.Tensor) -> int:
         """Position of ``timestep`` in ``self.timesteps``: the GMM step index i."""
@@ -255,11 +262,9 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             eta=eta,
             z=variance_noise,
         )
-        if gmm is not None:
-            sigma = ddim_sigma(abar_t, abar_prev, eta)
-            self._step_clipped[i] = (
-                gmm.step_clipped_fraction(i, sigma) if gmm.mixes_at(i, len(self.timesteps), eta) else None
-            )
+        if gmm is not None:  # for clipped_fraction: the sigma of a mixing step, None for the others
+            mixes = gmm.mixes_at(i, len(self.timesteps), eta)
+            self._step_sigmas[i] = float(ddim_sigma(abar_t, abar_prev, eta)) if mixes else None
         prev_sample, x0 = ddim_step(
             model_output,
             sample,
@@ -297,7 +302,7 @@ def _rfim_init(self: RFIMScheduler, *args: Any, **kwargs: Any) -> None:
     self.gmm_params = None
     self._gmm_by_device: dict[torch.device, GMM] = {}
     self._generator: Generators = None
-    self._step_clipped: dict[int, float | None] = {}
+    self._step_sigmas: dict[int, float | None] = {}
     if gmm_config["gmm_n_components"] is not None:
         hyperparameters_from_config(gmm_config).validate()
 
@@ -331,15 +336,13 @@ class RFIMScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
 
     __init__ = register_to_config(_rfim_init)
 
-    # the same config bookkeeping, GMM placement and clipping report as DDIMScheduler's
+    # the same config bookkeeping, GMM installation and placement and clipping report as DDIMScheduler's
     _register_as_given = DDIMScheduler._register_as_given
     _gmm_on = DDIMScheduler._gmm_on
     _gmm_for_timesteps = DDIMScheduler._gmm_for_timesteps
+    _num_steps = DDIMScheduler._num_steps
+    set_gmm_params = DDIMScheduler.set_gmm_params
     clipped_fraction = DDIMScheduler.clipped_fraction
-
-    def _num_steps(self) -> int | None:
-        """The number of sampling steps after set_timesteps, else None."""
-        return None if getattr(self, "num_inference_steps", None) is None else len(self.timesteps)
 
     def set_eta(self, eta: float) -> None:
         """Use ``eta`` (in [0, 1]) from now on; it goes into the config."""
@@ -355,27 +358,6 @@ class RFIMScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
                 "(one per sample) or None"
             )
         self._generator = generator
-
-    def set_gmm_params(self, gmm_params: GMM | None = None) -> None:
-        """Use ``gmm_params`` for the kernel from now on (None: plain RFIM again).
-
-        Its hyperparameters go into the config, so ``from_config`` and ``save_pretrained`` keep
-        them. Every check runs first: a refused GMM leaves the scheduler as it was.
-        """
-        if gmm_params is None:
-            self._register_as_given(**GMM_CONFIG_DEFAULTS)
-            self.gmm_params = None
-            self._gmm_by_device = {}
-            return
-        if not isinstance(gmm_params, GMM):
-            raise ValueError(f"gmm_params={gmm_params!r} is not allowed: pass a ddim_gmm_exp GMM or None")
-        if not gmm_params.initialized:
-            raise ValueError("gmm_params has no parameters yet: call gmm_params.initialize(...) first")
-        if self._num_steps() is not None:
-            gmm_params.check_num_steps(self._num_steps())
-        self._register_as_given(**{f"gmm_{k}": v for k, v in gmm_params.state_dict().items()})
-        self.gmm_params = gmm_params
-        self._gmm_by_device = {gmm_params.device: gmm_params}
 
     def set_timesteps(
         self,
@@ -400,7 +382,7 @@ class RFIMScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
             for name, value in previous.items():
                 setattr(self, name, value)
             raise
-        self._step_clipped = {}
+        self._step_sigmas = {}
         if gmm is not self.gmm_params:
             self.gmm_params = gmm
             self._gmm_by_device = {gmm.device: gmm}
@@ -460,9 +442,8 @@ class RFIMScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
             num_steps=num_steps,
             eta=eta,
         )
-        if gmm is not None:
-            mixes = gmm.mixes_at(i, num_steps, eta)
-            self._step_clipped[i] = gmm.step_clipped_fraction(i, float(rfim_sigma(s, eta))) if mixes else None
+        if gmm is not None:  # for clipped_fraction: the sigma of a mixing step, None for the others
+            self._step_sigmas[i] = float(rfim_sigma(s, eta)) if gmm.mixes_at(i, num_steps, eta) else None
         prev_sample, x0 = rfim_step(
             model_output, sample, t, s, eta, noise, gmm=gmm, step_index=i, components=components
         )

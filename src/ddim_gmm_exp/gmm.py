@@ -463,15 +463,17 @@ class GMM:
             return 0.0
         if hp.construction != "paper":
             return self._matched_clipped[self._stored_index(step_index)]
-        params = {k: v.double() for k, v in self.step_parameters(step_index).items()}
-        variances = params["variance_factor"][:, None] * params["variance_base"][None, :]
-        clipped = (variances > float(sigma) ** 2).double().mean(dim=1)  # (K,)
-        return float(params["priors"] @ clipped)
+        params = self.step_parameters(step_index)
+        factor, base = params["variance_factor"].double(), params["variance_base"].double()
+        clipped = (factor[:, None] * base[None, :] > float(sigma) ** 2).double().mean(dim=1)  # (K,)
+        return float(params["priors"].double() @ clipped)
 
-    def clipped_fraction(self, sigmas: Sequence[float], eta: float) -> float:
+    def clipped_fraction(self, sigmas: Sequence[float], eta: float, steps: Sequence[int] | None = None) -> float:
         """The clipped fraction over the (step, coordinate) entries of the steps that mix
-        (paper A.5); sigmas[i] is step i's sigma, for every step of the run. 0 when none mixes."""
-        steps = [i for i in range(len(sigmas)) if self.mixes_at(i, len(sigmas), eta)]
+        (paper A.5); sigmas[i] is step i's sigma, for every step of the run; ``steps``: only these
+        step indices (a partial run, e.g. img2img's last steps). 0 when none mixes."""
+        candidates = range(len(sigmas)) if steps is None else steps
+        steps = [i for i in candidates if self.mixes_at(i, len(sigmas), eta)]
         if not steps:
             return 0.0
         return float(np.mean([self.step_clipped_fraction(i, sigmas[i]) for i in steps]))

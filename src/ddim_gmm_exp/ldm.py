@@ -574,15 +574,11 @@ class DDIMSampler:
         self.gmm_params.check_shape(shape)
 
     def _clipped_fraction(self, steps: range) -> float | None:
-        """Mean clipped fraction over the mixture steps among ``steps`` (GMM step indices), as
-        GMM.clipped_fraction does for a whole run; None without a GMM."""
-        gmm = self.gmm_params
-        if gmm is None:
+        """The run's clipped fraction over ``steps`` (GMM step indices); None without a GMM."""
+        if self.gmm_params is None:
             return None
-        num_steps = len(self.ddim_timesteps)
         sigmas = self.ddim_sigmas.flip(0).tolist()  # in the order the steps run
-        mixing = [i for i in steps if gmm.mixes_at(i, num_steps, self.ddim_eta)]
-        return float(np.mean([gmm.step_clipped_fraction(i, sigmas[i]) for i in mixing])) if mixing else 0.0
+        return self.gmm_params.clipped_fraction(sigmas, self.ddim_eta, steps=steps)
 
     def _warn_once_if_gmm_is_inert(self, eta: float) -> None:
         if not self._warned_eta_zero:  # stacklevel: past this helper, the caller and torch's no_grad wrapper
