@@ -43,6 +43,10 @@ from ddim_gmm_exp.runner import run
         (["+sampler.temperature=0.9"], "sampler.temperature=0.9 is not an option of sampler=ddim: its options are eta"),
         (["sampler=ddim_gmm", "+sampler.gmm=1"], "sampler.gmm=1 is not an option of sampler=ddim_gmm"),
         (["model=digits_flow"], "sampler=ddim walks a diffusion schedule but model=digits_flow is a flow model"),
+        (
+            ["model=digits_flow", "sampler=rfim", "sampler.timestep_spacing=trailing"],
+            "sampler.timestep_spacing='trailing' is not used by sampler=rfim",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_sampling(overrides, message, tmp_path, cache_dir):

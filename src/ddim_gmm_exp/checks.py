@@ -89,6 +89,11 @@ def check_sampler(spec: RunSpec) -> None:
         raise ConfigError(
             f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not allowed: choose one of {SPACINGS}"
         )
+    if sampler.family == "flow" and sampler.timestep_spacing is not None:
+        raise ConfigError(
+            f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not used by sampler={sampler.name}: "
+            "flow models walk their own time grid; leave it null"
+        )
     allowed = [name for name in option_names(sampler.function) if name != "gmm"]
     for name, value in sampler.options.items():
         if name not in allowed:
