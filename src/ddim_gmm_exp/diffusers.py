@@ -19,7 +19,7 @@ are added, and both survive ``from_config`` and ``save_pretrained``/``from_pretr
   (where diffusers' rule is wrong), "trailing" with T % S != 0, "leading" with
   steps_offset >= T // S.
 
-The step math is :func:`ddim_gmm_exp.sampling.ddim_step`.
+The step is :func:`ddim_gmm_exp.sampling.ddim_kernel_step` (draws, then ``ddim_step``).
 
 ``RFIMScheduler`` does the same for rectified-flow pipelines (SD3, Flux): a
 ``FlowMatchEulerDiscreteScheduler`` whose step is RFIM or RFIM-GMM (:func:`ddim_gmm_exp.flow.rfim_step`),
@@ -52,8 +52,8 @@ from ddim_gmm_exp.noise import Generators
 from ddim_gmm_exp.sampling import (
     check_eta,
     check_prediction_type,
+    ddim_kernel_step,
     ddim_sigma,
-    ddim_step,
     kernel_noise,
     previous_abar,
     warn_if_gmm_is_inert,
@@ -251,30 +251,20 @@ class DDIMScheduler(diffusers.DDIMScheduler):
                 "Cannot pass both generator and variance_noise. Please make sure that either "
                 "`generator` or `variance_noise` stays `None`."
             )
-        noise, components = kernel_noise(
-            model_output.shape,
-            generator,
-            device=model_output.device,
-            dtype=model_output.dtype,
-            gmm=gmm,
-            step_index=i,
-            num_steps=len(self.timesteps),
-            eta=eta,
-            z=variance_noise,
-        )
         if gmm is not None:  # for clipped_fraction: the sigma of a mixing step, None for the others
             mixes = gmm.mixes_at(i, len(self.timesteps), eta)
             self._step_sigmas[i] = float(ddim_sigma(abar_t, abar_prev, eta)) if mixes else None
-        prev_sample, x0 = ddim_step(
+        prev_sample, x0 = ddim_kernel_step(
             model_output,
             sample,
             abar_t,
             abar_prev,
             eta,
-            noise,
+            generator=generator,
             gmm=gmm,
             step_index=i,
-            components=components,
+            num_steps=len(self.timesteps),
+            z=variance_noise,
             prediction_type=self.config.prediction_type,
             use_clipped_model_output=use_clipped_model_output,
             **x0_options(self.config),

@@ -17,8 +17,8 @@ Stability's stable-diffusion (SD2): ``model`` is anything with ``apply_model(x, 
   (``decode(t_start)``, img2img) runs the last t_start steps of the schedule with the same
   kernels a full run uses there.
 
-Every step is :func:`ddim_gmm_exp.sampling.ddim_step` with the draws of
-:func:`ddim_gmm_exp.sampling.kernel_noise`, as in the diffusers scheduler.
+Every step is :func:`ddim_gmm_exp.sampling.ddim_kernel_step` (the draws of ``kernel_noise``, then
+``ddim_step``), as in the loop and the diffusers scheduler.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from ddim_gmm_exp.noise import Generators, randn
 from ddim_gmm_exp.sampling import (
     check_eta,
     classifier_free_guidance,
+    ddim_kernel_step,
     ddim_mean,
     ddim_sigma,
-    ddim_step,
-    kernel_noise,
     warn_if_gmm_is_inert,
     x0_and_eps,
 )
@@ -378,26 +377,16 @@ class DDIMSampler:
         self._check_gmm(tuple(x.shape))
         step_index = num_steps - 1 - int(index)  # the GMM counts steps in the order they run
         output = self.guided_model_output(x, t, c, unconditional_guidance_scale, unconditional_conditioning)
-        noise, components = kernel_noise(
-            x.shape,
-            generator,
-            device=x.device,
-            dtype=x.dtype,
-            gmm=self.gmm_params,
-            step_index=step_index,
-            num_steps=num_steps,
-            eta=self.ddim_eta,
-        )
-        return ddim_step(
+        return ddim_kernel_step(
             output,
             x,
             self.ddim_alphas[index],
             self.ddim_alphas_prev[index],
             self.ddim_eta,
-            noise,
+            generator=generator,
             gmm=self.gmm_params,
             step_index=step_index,
-            components=components,
+            num_steps=num_steps,
             prediction_type=self.prediction_type,
         )
 

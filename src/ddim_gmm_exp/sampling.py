@@ -193,6 +193,48 @@ def kernel_noise(
     return z, gmm.draw_components(step_index, z.shape[0], generator, like=z)
 
 
+def ddim_kernel_step(
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    abar_t: torch.Tensor,
+    abar_prev: torch.Tensor,
+    eta: float = 0.0,
+    *,
+    generator: Generators = None,
+    gmm: GMM | None = None,
+    step_index: int = 0,
+    num_steps: int = 1,
+    z: torch.Tensor | None = None,
+    **step_options: Any,
+) -> tuple[torch.Tensor, ...]:
+    """One DDIM / DDIM-GMM step with its own draws: :func:`kernel_noise` (z shaped like the model
+    output, as diffusers draws its variance noise; ``z`` given: used instead), then
+    :func:`ddim_step`. The loop, the LDM sampler and the diffusers scheduler all step through here."""
+    noise, components = kernel_noise(
+        model_output.shape,
+        generator,
+        device=model_output.device,
+        dtype=model_output.dtype,
+        gmm=gmm,
+        step_index=step_index,
+        num_steps=num_steps,
+        eta=eta,
+        z=z,
+    )
+    return ddim_step(
+        model_output,
+        x_t,
+        abar_t,
+        abar_prev,
+        eta,
+        noise,
+        gmm=gmm,
+        step_index=step_index,
+        components=components,
+        **step_options,
+    )
+
+
 def concat_conditioning(unconditional: Any, conditional: Any) -> Any:
     """[uc, c] batched together for one guided model call (tensors, lists or dicts of them)."""
     if isinstance(conditional, dict):
@@ -258,28 +300,18 @@ def sample_ddim(
     for i, t in enumerate(timesteps):
         t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         model_output = denoiser(x, t_batch)
-        noise, components = kernel_noise(
-            x.shape,
-            generator,
-            device=x.device,
-            dtype=x.dtype,
-            gmm=gmm,
-            step_index=i,
-            num_steps=len(timesteps),
-            eta=eta,
-        )
         abar_t = alphas_cumprod[int(t)]
         abar_prev = previous_abar(alphas_cumprod, timesteps, i, final_abar)
-        x, x0, mean = ddim_step(
+        x, x0, mean = ddim_kernel_step(
             model_output,
             x,
             abar_t,
             abar_prev,
             eta,
-            noise,
+            generator=generator,
             gmm=gmm,
             step_index=i,
-            components=components,
+            num_steps=len(timesteps),
             prediction_type=prediction_type,
             return_mean=True,
             **step_options,
