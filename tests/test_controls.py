@@ -81,11 +81,13 @@ def test_variance_account_matches_the_closed_forms(toy):
     """E||x_s - m||^2 per step: DDIM sigma^2 D; the GMM its mixture variance, clipped as METHOD.md
     says; the control sigma^2 D + s^2. Measured on 4000 samples, within 5 standard errors."""
     n, eta, scale = 4000, 0.5, 1.5
-    sigmas = None
+    # DDIM eq. 16 written out, independently of the sampler: t = 999, 799, ..., 199, then abar = 1
+    abar = [float(a) for a in toy.alphas_cumprod.float()[[999, 799, 599, 399, 199]]] + [1.0]
+    sigmas = [eta * ((1 - s) / (1 - t) * (1 - t / s)) ** 0.5 for t, s in zip(abar[:-1], abar[1:], strict=True)]
 
     ddim_rec = StepRecorder()
     run(toy, ddim, n=n, callback=ddim_rec, eta=eta)
-    sigmas = [ddim_rec.sigma[i] for i in range(5)]
+    assert [ddim_rec.sigma[i] for i in range(5)] == pytest.approx(sigmas, rel=1e-6)
     within_standard_errors(ddim_rec, [s**2 * D for s in sigmas], range(5))
 
     gmm = GMM(dtype=torch.float64).initialize(dim=D, n_components=4, n_steps=5, scale=scale, upper_bound_vars=False)

@@ -176,7 +176,7 @@ def test_reference_statistics_from_an_image_folder(default_run, tmp_path, cache_
     assert len(list(cache_dir.glob("fid_ref_folder_*.npz"))) == 1
 
 
-def test_optimized_metric_is_returned_to_the_sweeper(tmp_path, cache_dir):
+def test_optimized_metric_is_returned_to_the_sweeper(tmp_path, cache_dir, capsys):
     from ddim_gmm_exp.cli import run_task
 
     cfg = compose_config([*SMALL, "logger=none", "optimized_metric=fid"], tmp_path / "a", cache_dir)
@@ -185,6 +185,7 @@ def test_optimized_metric_is_returned_to_the_sweeper(tmp_path, cache_dir):
     with pytest.raises(SystemExit) as exit_info:
         run_task(cfg)
     assert exit_info.value.code == 2
+    assert "optimized_metric='fid_digits' is not among this run's metrics" in capsys.readouterr().err
 
 
 def test_wandb_run_is_finished_on_error(tmp_path, cache_dir, monkeypatch, caplog):

@@ -245,10 +245,12 @@ def test_kernel_noise_draws_z_first_then_components(eta):
     assert components is None and (z is None) == (eta == 0)
 
 
-@pytest.mark.parametrize("construction", CONSTRUCTIONS)
+@pytest.mark.parametrize("construction", ["matched_diagonal", "matched_full"])
 def test_the_last_step_with_abar_one_has_no_noise(construction):
-    """abar_s = 1 gives sigma = 0: the last step is x0_hat, whatever the generator."""
-    gmm = GMM().initialize(dim=48, n_components=8, n_steps=1, construction=construction)
+    """abar_s = 1 gives sigma = 0: a last step that mixes (last_step=True) with a matched kernel,
+    whose offsets are in units of sigma, is still x0_hat, whatever the generator."""
+    gmm = GMM().initialize(dim=48, n_components=8, n_steps=1, construction=construction, last_step=True)
+    assert gmm.mixes_at(0, 1, eta=1.0)
     x, out = torch.randn(SHAPE), torch.randn(SHAPE)
     abar_t, final = torch.tensor(0.9), torch.tensor(1.0)
 
