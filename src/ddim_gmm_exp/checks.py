@@ -7,6 +7,7 @@ metric, kernel or sample is made.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,11 @@ from typing import Any
 import torch
 
 from ddim_gmm_exp.config import RunSpec
+from ddim_gmm_exp.controls import IsotropicOffsetKernel
 from ddim_gmm_exp.data import read_prompts, resolve_labels
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.gmm import GMMHyperparameters
-from ddim_gmm_exp.samplers import FAMILIES, option_names
+from ddim_gmm_exp.samplers import FAMILIES, ddim_scheduler, option_names, timesteps_are_sound
 from ddim_gmm_exp.sampling import PREDICTION_TYPES
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -51,10 +53,13 @@ def world_size(trainer: dict[str, Any]) -> int:
 def check_run(spec: RunSpec, in_multirun: bool) -> None:
     """Everything that needs no model: data, sampler and its options, GMM, metrics, paths, ranks."""
     check_data(spec)
+    check_variant(spec)
     check_sampler(spec)
+    check_sampler_options(spec)
     check_gmm(spec, in_multirun)
     check_paths_and_metrics(spec)
     check_logger(spec)
+    check_trainer(spec)
     ranks = world_size(spec.output.trainer)
     if spec.data.num_samples < ranks:
         raise ConfigError(
@@ -101,10 +106,51 @@ def check_sampler(spec: RunSpec) -> None:
                 f"sampler.{name}={value!r} is not an option of sampler={sampler.name}: "
                 f"its options are {', '.join(allowed) or 'none'}"
             )
-    if "eta" in sampler.options:
+
+
+def option_key(spec: RunSpec, option: str) -> str:
+    """The key a user sets for a sampler option: gmm.scale for the control's scale, else sampler.NAME."""
+    key = spec.sampler.gmm_options.get(option)
+    return f"gmm.{key}" if key is not None else f"sampler.{option}"
+
+
+def check_sampler_options(spec: RunSpec) -> None:
+    """The values of the sampler's options: eta, and the control's offset size and last-step rule
+    (checked by building the control's kernel, the code that uses them)."""
+    sampler, options = spec.sampler, spec.sampler.options
+    if "eta" in options:
         # the flow samplers interpolate between the Euler step and the marginal: eta in [0, 1]
         maximum = 1.0 if sampler.family == "flow" else None
-        check_number("sampler.eta", sampler.options["eta"], 0, maximum)
+        check_number(option_key(spec, "eta"), options["eta"], 0, maximum)
+    if "last_step" in options and not isinstance(options["last_step"], bool):
+        raise ConfigError(
+            f"{option_key(spec, 'last_step')}={options['last_step']!r} is not allowed: it must be true or false"
+        )
+    if "scale" in options:
+        try:
+            IsotropicOffsetKernel(options["scale"], bool(options.get("last_step", False)))
+        except ValueError as err:
+            raise ConfigError(f"{option_key(spec, 'scale')}: {err} (sampler={sampler.name}'s offset size)") from err
+
+
+def check_variant(spec: RunSpec) -> None:
+    """A conf/variant file names its sampler: a sampler= override that contradicts it is refused
+    (Hydra lets the command line's sampler= win silently)."""
+    variant = spec.output.named_variant
+    if variant and variant.get("sampler") != spec.sampler.name:
+        raise ConfigError(
+            f"variant={variant['name']} runs sampler={variant['sampler']} but sampler={spec.sampler.name} "
+            "was also given: drop one of them"
+        )
+
+
+def check_trainer(spec: RunSpec) -> None:
+    trainer = spec.output.trainer
+    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={trainer.get('accelerator')!r} but no GPU was found: use trainer=cpu "
+            "(or trainer=ddp_sim for 2 CPU ranks)"
+        )
 
 
 def check_gmm(spec: RunSpec, in_multirun: bool) -> None:
@@ -112,9 +158,16 @@ def check_gmm(spec: RunSpec, in_multirun: bool) -> None:
     single run (in a sweep such jobs repeat another job's samples and are skipped instead)."""
     sampler = spec.sampler
     if sampler.uses_gmm:
+        known = [f.name for f in dataclasses.fields(GMMHyperparameters) if f.name not in ("dim", "n_steps")]
+        unknown = [key for key in sampler.gmm if key not in known]
+        if unknown:
+            raise ConfigError(
+                f"gmm.{unknown[0]}={sampler.gmm[unknown[0]]!r} is not a GMM setting: "
+                f"the settings are {', '.join(known)}"
+            )
         try:
             GMMHyperparameters(dim=1, n_steps=1, **sampler.gmm).validate(with_dim=False)
-        except (TypeError, ValueError) as err:
+        except ValueError as err:
             raise ConfigError(f"gmm: {err}") from err
     elif sampler.gmm_overrides and not in_multirun:
         raise ConfigError(
@@ -147,6 +200,9 @@ def check_paths_and_metrics(spec: RunSpec) -> None:
             "weights file (weights-inception-2015-12-05-6726825d.pth)"
         )
     check_number("metrics.fid.min_samples", metrics.fid_min_samples, 2, integer=True)
+    # a covariance needs two samples; fewer than the feature dimension make it singular (a warning
+    # when the statistics are computed)
+    check_number("metrics.fid.reference_samples", metrics.fid_reference_samples, 2, integer=True)
 
 
 def check_logger(spec: RunSpec) -> None:
@@ -220,11 +276,32 @@ def check_model_fit(spec: RunSpec, adapter: Any) -> None:
             f"sampler.steps={sampler.steps} is not allowed: the model was trained with {total} "
             f"timesteps, so steps must lie in [1, {total}]"
         )
+    if sampler.family == "diffusion":
+        check_timesteps(spec, adapter.scheduler_config, total)
     if sampler.uses_gmm:
         try:
             GMMHyperparameters(dim=adapter.dim, n_steps=sampler.steps, **sampler.gmm).validate()
         except ValueError as err:
             raise ConfigError(f"gmm: {err} (model={model.name} samples D={adapter.dim})") from err
+
+
+def check_timesteps(spec: RunSpec, scheduler_config: dict[str, Any], total: int) -> None:
+    """The spacing's timesteps for sampler.steps must be S distinct ones in [0, T - 1]; where they
+    are not, the message names the nearest step counts that are."""
+    steps, spacing = spec.sampler.steps, spec.sampler.timestep_spacing
+
+    def sound(s: int) -> bool:
+        return timesteps_are_sound(ddim_scheduler(scheduler_config, spacing, s).timesteps.tolist(), s, total)
+
+    if sound(steps):
+        return
+    below = next((s for s in range(steps - 1, 0, -1) if sound(s)), None)
+    above = next((s for s in range(steps + 1, total + 1) if sound(s)), None)
+    nearest = " or ".join(str(s) for s in (below, above) if s is not None)
+    raise ConfigError(
+        f"sampler.steps={steps} is not allowed with sampler.timestep_spacing={spacing!r}: diffusers lists "
+        f"timesteps outside [0, {total - 1}] or not {steps} of them for it; use sampler.steps={nearest}"
+    )
 
 
 def check_prompts_for_metrics(metrics_need_prompts: bool, has_prompts: bool, model_name: str) -> None:

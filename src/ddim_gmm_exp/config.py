@@ -9,6 +9,7 @@ factories stay plain ``_target_`` dicts, instantiated where they are built.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class SamplerSpec:
     options: dict[str, Any]  # keyword options of the function (eta, ...), gmm excluded
     gmm: dict[str, Any] | None  # GMMHyperparameters fields but dim and n_steps; None: no GMM
     gmm_overrides: list[str] = field(default_factory=list)  # gmm.* overrides this sampler does not read
+    gmm_options: dict[str, str] = field(default_factory=dict)  # option -> the gmm key it reads (the control's)
 
     @property
     def function(self) -> Sampler:
@@ -94,6 +96,9 @@ class OutputSpec:
     overrides: list[str]
     sweep_group: str | None  # the W&B group of a multirun's jobs; None for single runs
     loggable: dict[str, Any]  # the composed config, resolved, for the logger
+    sweep_dir: Path | None = None  # a multirun's directory (holds sweep_plan.json); None for single runs
+    job_num: int | None = None  # this job's number in its multirun
+    named_variant: dict[str, Any] | None = None  # {name, sampler} of a conf/variant file, if one was chosen
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,50 @@ class RunSpec:
             keep["gmm"] = self.sampler.gmm
         return keep
 
+    def scores_fingerprint(self) -> dict[str, Any]:
+        """What decides the samples and their scores: two sweep jobs with equal ones are duplicates."""
+        return self.fingerprint() | {"metrics": vars(self.metrics)}
+
+    def run_name(self) -> str:
+        """A name after the run's distinguishing settings, e.g. ``ortho_vub-K8-s1-eta0-10steps-cfg2.5-seed0``
+        (the W&B run's name)."""
+        sampler, options = self.sampler, self.sampler.options
+        parts = [self.output.named_variant["name"] if self.output.named_variant else sampler.name]
+        if sampler.uses_gmm:
+            parts += [f"K{sampler.gmm.get('n_components')}", f"s{sampler.gmm.get('scale'):g}"]
+        elif "scale" in options:
+            parts.append(f"s{options['scale']:g}")
+        if "eta" in options:
+            parts.append(f"eta{options['eta']:g}")
+        parts.append(f"{sampler.steps}steps")
+        if sampler.guidance_scale != 1.0:
+            parts.append(f"cfg{sampler.guidance_scale:g}")
+        return "-".join([*parts, f"seed{self.data.seed}"])
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that decides the samples and their scores, as flat dotted keys with JSON
+        scalars (lists and dicts as JSON text): what results.json records and sweep summaries
+        tell series apart by."""
+        flat: dict[str, Any] = {}
+        for group, node in self.scores_fingerprint().items():
+            flatten_into(flat, group, node)
+        flat.pop("metrics.cache_dir", None)  # where statistics are cached, not what they are
+        for option, key in self.sampler.gmm_options.items():  # the control's scale is gmm.scale, as a GMM's
+            flat[f"gmm.{key}"] = flat.pop(f"sampler.{option}")
+        return {key.replace("metrics.fid_", "metrics.fid.", 1): value for key, value in flat.items()}
+
+
+def flatten_into(flat: dict[str, Any], prefix: str, node: Any) -> None:
+    """node's leaves as flat[prefix.key...]; lists become their JSON text; _target_ dicts are kept
+    whole as one JSON value (their keys are one thing: how to build it)."""
+    if isinstance(node, dict) and "_target_" not in node:
+        for key, value in node.items():
+            flatten_into(flat, f"{prefix}.{key}", value)
+    elif isinstance(node, dict | list | tuple):
+        flat[prefix] = json.dumps(node, sort_keys=True)
+    else:
+        flat[prefix] = node
+
 
 def sweep_group() -> str | None:
     """The W&B group of a multirun's jobs: the sweep directory's name (None for single runs and
@@ -139,6 +188,13 @@ def sweep_group() -> str | None:
 
 # conf/logger/wandb.yaml: group: ${sweep_group:}
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
+
+
+def gmm_options(cfg: DictConfig) -> dict[str, str]:
+    """The sampler options that are a gmm key by interpolation (the control's scale: ${gmm.scale})."""
+    raw = OmegaConf.to_container(cfg.sampler, resolve=False)
+    matches = {name: re.fullmatch(r"\$\{gmm\.(\w+)\}", str(value)) for name, value in raw.items()}
+    return {name: m.group(1) for name, m in matches.items() if m is not None}
 
 
 def unread_gmm_overrides(cfg: DictConfig, overrides: list[str], uses_gmm: bool) -> list[str]:
@@ -161,8 +217,25 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def resolve_run(cfg: DictConfig, overrides: list[str], sweep_group: str | None) -> RunSpec:
-    """The typed objects of one run, from its composed config (the only reader of cfg)."""
+def sweep_job() -> tuple[Path, int] | None:
+    """(the multirun's directory, this job's number); None for single runs and outside a Hydra job."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ValueError, ImportError):
+        return None
+    if hydra_cfg.mode != RunMode.MULTIRUN or hydra_cfg.job.get("num") is None:
+        return None
+    return Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num)
+
+
+def resolve_run(
+    cfg: DictConfig, overrides: list[str], sweep_group: str | None, job: tuple[Path, int] | None = None
+) -> RunSpec:
+    """The typed objects of one run, from its composed config (the only reader of cfg); ``job`` is
+    (sweep dir, job number) for a multirun's job."""
     model = plain(cfg.model)
     sampler = plain(cfg.sampler)
     fid = plain(cfg.metrics.fid)
@@ -190,6 +263,7 @@ def resolve_run(cfg: DictConfig, overrides: list[str], sweep_group: str | None) 
             options=options,
             gmm=plain(cfg.gmm) if "gmm" in takes else None,
             gmm_overrides=unread_gmm_overrides(cfg, overrides, uses_gmm="gmm" in takes),
+            gmm_options={} if "gmm" in takes else gmm_options(cfg),
         ),
         data=DataSpec(
             **{k: plain(cfg.data[k]) for k in ("num_samples", "batch_size", "seed", "labels", "prompts_file")}
@@ -214,5 +288,8 @@ def resolve_run(cfg: DictConfig, overrides: list[str], sweep_group: str | None) 
             overrides=list(overrides),
             sweep_group=sweep_group,
             loggable={k: plain(v) for k, v in cfg.items() if k != "hydra"},
+            sweep_dir=job[0] if job is not None else None,
+            job_num=job[1] if job is not None else None,
+            named_variant=plain(cfg.get("named_variant")),
         ),
     )

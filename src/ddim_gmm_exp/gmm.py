@@ -468,6 +468,16 @@ class GMM:
         clipped = (factor[:, None] * base[None, :] > float(sigma) ** 2).double().mean(dim=1)  # (K,)
         return float(params["priors"].double() @ clipped)
 
+    def offset_mean_norm(self) -> float:
+        """|sum_k pi_k delta_k| averaged over the stored steps: RAND's (eq. 9) weighted offset mean is
+        only approximately 0, ORTHO's (eq. 10) is 0 up to rounding (METHOD.md asks for it reported)."""
+        hp = self._require_initialized()
+        stored = 1 if hp.share_across_steps else hp.n_steps
+        norms = [
+            float((self.step_parameters(i)["priors"].double() @ self.offsets(i).double()).norm()) for i in range(stored)
+        ]
+        return float(np.mean(norms))
+
     def clipped_fraction(self, sigmas: Sequence[float], eta: float, steps: Sequence[int] | None = None) -> float:
         """The clipped fraction over the (step, coordinate) entries of the steps that mix
         (paper A.5); sigmas[i] is step i's sigma, for every step of the run; ``steps``: only these

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -22,11 +24,11 @@ from torch.utils.data import DataLoader
 
 from ddim_gmm_exp import checks
 from ddim_gmm_exp.callbacks import FinishWandb, ImagesPerSecondBar, ReportResults, finish_wandb
-from ddim_gmm_exp.config import MetricsSpec, ModelSpec, RunSpec, resolve_run, sweep_group
+from ddim_gmm_exp.config import MetricsSpec, ModelSpec, RunSpec, resolve_run, sweep_group, sweep_job
 from ddim_gmm_exp.data import SampleIndexDataset, read_prompts, resolve_labels
-from ddim_gmm_exp.diffusers import DDIMScheduler
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.gmm import GMM, variant_name
+from ddim_gmm_exp.images import png_path
 from ddim_gmm_exp.metrics import (
     MetricSuite,
     cached_reference,
@@ -38,26 +40,28 @@ from ddim_gmm_exp.metrics import (
 )
 from ddim_gmm_exp.models.base import ModelAdapter
 from ddim_gmm_exp.module import SamplingModule, SamplingPlan
-from ddim_gmm_exp.samplers import DiffusionSchedule, FlowSchedule, Schedule, kernel_sigmas
+from ddim_gmm_exp.samplers import DiffusionSchedule, FlowSchedule, Schedule, ddim_scheduler, kernel_sigmas
 from ddim_gmm_exp.sampling import warn_if_gmm_is_inert
+from ddim_gmm_exp.sweeper import planned_job
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 OVERRIDES_FILE = "run_overrides.json"
+WANDB_ID_FILE = "wandb_run_id.txt"
 DEFAULT_PROMPTS = Path(__file__).parent / "assets" / "prompts.txt"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample, score and report one composed config; returns the results (also in results.json)."""
-    return run_spec(resolve_run(cfg, task_overrides(), sweep_group()))
+    return run_spec(resolve_run(cfg, task_overrides(), sweep_group(), sweep_job()))
 
 
 def run_spec(spec: RunSpec) -> dict[str, Any]:
     """Sample, score and report one resolved run."""
     started = time.time()
     checks.check_run(spec, in_multirun=spec.output.sweep_group is not None)
-    original = duplicate_job(spec)
+    original = earlier_job(spec, "duplicate_of")
     if original is not None:
         return skip_as_duplicate(spec.output.output_dir, original)
     todo, done = checks.indices_to_sample(spec)
@@ -68,10 +72,11 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
     prompts = prompts_for(spec, adapter)
     metrics, notes = build_metrics(spec.metrics, spec.model, adapter, spec.data.num_samples, spec.data.seed)
     checks.check_prompts_for_metrics(metrics.needs_prompts, prompts is not None, spec.model.name)
+    todo, done, samples_from = reuse_samples(spec, todo, done)
     plan = build_plan(spec, adapter, prompts, done)
     write_run_files(spec)
 
-    reporter = ReportResults(spec.output.output_dir, run_metadata(spec, plan, notes), started)
+    reporter = ReportResults(spec.output.output_dir, run_metadata(spec, plan, notes, samples_from), started)
     trainer = build_trainer(spec, reporter)
     module = SamplingModule(adapter, plan, metrics, config=spec.output.loggable)
     log.info(
@@ -90,6 +95,7 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
         raise RuntimeError(f"the run ended without writing {results_file}")
     results = json.loads(results_file.read_text())
     log.info("results: %s", json.dumps(results["metrics"]))
+    log.info("%s", speed_line(results))
     log.info("output dir: %s", spec.output.output_dir)
     return results
 
@@ -109,10 +115,17 @@ def predict(spec: RunSpec, trainer: Any, module: SamplingModule, reporter: Repor
         failed = False
     except BaseException:
         if spec.output.save_images:
-            log.error("interrupted: resume with  python run.py resume=true hydra.run.dir=%s", spec.output.output_dir)
+            log.error("interrupted: resume with: python run.py resume=true hydra.run.dir=%s", spec.output.output_dir)
         raise
     finally:
         finish_wandb(error=failed)
+
+
+def speed_line(results: dict[str, Any]) -> str:
+    """The console's line on time: wall seconds, and images per second where this run sampled."""
+    speed = results.get("images_per_second")
+    rate = f", {speed:.1f} images/s sampling" if speed else " (nothing sampled in this run)"
+    return f"{results.get('sampled_this_run', 0)} samples in {results['seconds']:.1f} s wall{rate}"
 
 
 # ----------------------------------------------------------------------------------- hydra context
@@ -131,31 +144,44 @@ def task_overrides() -> list[str]:
 # ----------------------------------------------------------------------------------- sweeps
 
 
-def duplicate_job(spec: RunSpec) -> Path | None:
-    """In a sweep, an earlier job whose samples this one would repeat exactly: a sampler without a
-    GMM whose jobs differ only in gmm.* overrides. None if there is none."""
-    if spec.sampler.uses_gmm or not spec.sampler.gmm_overrides or spec.output.sweep_group is None:
+def earlier_job(spec: RunSpec, key: str) -> Path | None:
+    """The dir of the earlier job that this sweep job repeats (``duplicate_of``) or shares samples
+    with (``samples_of``), from the sweep's plan (sweeper.py, decided before any job started)."""
+    job = planned_job(spec.output.sweep_dir, spec.output.job_num)
+    if job is None or job.get(key) is None:
         return None
-    output_dir = spec.output.output_dir
-    fingerprint = json.loads(json.dumps(spec.fingerprint()))
-    if not output_dir.parent.is_dir():
-        return None
-    for sibling in sorted(output_dir.parent.iterdir()):
-        if sibling == output_dir or not (sibling / RESULTS_FILE).is_file():
-            continue
-        saved = sibling / checks.RUN_CONFIG_FILE
-        if saved.is_file() and json.loads(saved.read_text()) == fingerprint:
-            return sibling
-    return None
+    original = planned_job(spec.output.sweep_dir, job[key])
+    return Path(original["dir"]) if original is not None else None
 
 
 def skip_as_duplicate(output_dir: Path, original: Path) -> dict[str, Any]:
-    """Record why this job did not sample, and return the original job's results."""
-    reason = f"same samples as job {original.name}: gmm.* does not apply to a sampler without a GMM"
+    """Record why this job did not run, and return the original job's results (once it has them)."""
+    reason = f"same samples and metric settings as job {original.name}"
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "skipped.json").write_text(json.dumps({"skipped": reason, "same_as": str(original)}, indent=2))
     log.warning("skipped: %s", reason)
-    return json.loads((original / RESULTS_FILE).read_text())
+    results = original / RESULTS_FILE
+    return json.loads(results.read_text()) if results.is_file() else {}
+
+
+def reuse_samples(spec: RunSpec, todo: list[int], done: list[int]) -> tuple[list[int], list[int], Path | None]:
+    """(to sample, on disk, source): a fresh sweep job whose samples an earlier, finished job made
+    (with other metric settings) links that job's PNGs and only scores them."""
+    source = earlier_job(spec, "samples_of")
+    if source is None or done or not spec.output.save_images or not (source / RESULTS_FILE).is_file():
+        return todo, done, None
+    pngs = [png_path(source / "samples", i) for i in range(spec.data.num_samples)]
+    if not all(png.is_file() for png in pngs):
+        return todo, done, None
+    sample_dir = spec.output.output_dir / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    for png in pngs:
+        try:
+            os.link(png, sample_dir / png.name)
+        except OSError:  # another file system: copy
+            shutil.copy2(png, sample_dir / png.name)
+    log.info("same samples as job %s (other metric settings): scoring its %d PNGs", source.name, len(pngs))
+    return [], list(range(len(pngs))), source
 
 
 # ----------------------------------------------------------------------------------- builders
@@ -194,10 +220,9 @@ def build_schedule(spec: RunSpec, adapter: ModelAdapter) -> Schedule:
     if spec.sampler.family == "flow":
         total = int(adapter.scheduler_config.get("num_train_timesteps", 1000))
         return FlowSchedule(sigmas=adapter.flow_sigmas(steps), num_train_timesteps=total)
-    config = dict(adapter.scheduler_config) | {"timestep_spacing": spec.sampler.timestep_spacing}
-    scheduler = DDIMScheduler.from_config(config)
-    scheduler.set_timesteps(steps)
-    return DiffusionSchedule.from_scheduler(scheduler)
+    return DiffusionSchedule.from_scheduler(
+        ddim_scheduler(adapter.scheduler_config, spec.sampler.timestep_spacing, steps)
+    )
 
 
 def build_gmm(spec: RunSpec, adapter: ModelAdapter, num_steps: int) -> GMM | None:
@@ -279,12 +304,31 @@ def build_fid(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter) -> 
 
 
 def build_logger(spec: RunSpec) -> Any:
-    """The logger of conf/logger (a _target_); False for logger=none."""
-    if not spec.output.logger.get("_target_"):
+    """The logger of conf/logger (a _target_); False for logger=none. A W&B run is named after the
+    run's settings and keeps its id in the run dir, so that a resumed run continues it."""
+    logger = spec.output.logger
+    if not logger.get("_target_"):
         return False
+    extra: dict[str, Any] = {}
+    if str(logger["_target_"]).endswith("WandbLogger"):
+        extra = {"id": wandb_run_id(spec.output.output_dir), "resume": "allow"}
+        if logger.get("name") is None:
+            extra["name"] = spec.run_name()
     # the run's config reaches it through the module's hyperparameters, which Lightning logs in the
     # process that samples: creating the W&B run here, before ddp_fork forks, would hang the ranks
-    return instantiate(spec.output.logger)
+    return instantiate(logger, **extra)
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """The run dir's W&B run id (WANDB_ID_FILE), made and kept on the first start."""
+    path = output_dir / WANDB_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def build_trainer(spec: RunSpec, reporter: ReportResults) -> Any:
@@ -313,15 +357,18 @@ def write_run_files(spec: RunSpec) -> None:
 # ----------------------------------------------------------------------------------- report
 
 
-def run_metadata(spec: RunSpec, plan: SamplingPlan, notes: dict[str, str]) -> dict[str, Any]:
-    """What results.json says about the run besides its metrics."""
+def run_metadata(
+    spec: RunSpec, plan: SamplingPlan, notes: dict[str, str], samples_from: Path | None = None
+) -> dict[str, Any]:
+    """What results.json says about the run besides its metrics: the summary columns, and every
+    setting that decides the samples and scores (``settings``)."""
     gmm, eta = plan.gmm, plan.options.get("eta")
     meta = {
         "overrides": spec.output.overrides,
         "model": spec.model.name,
         "sampler": spec.sampler.name,
         "variant": variant_name(gmm.hparams) if gmm is not None else spec.sampler.name.upper(),
-        "steps": spec.sampler.steps,
+        "steps": plan.schedule.num_steps,  # the steps that ran (checks refuse grids of another length)
         "eta": eta,
         "guidance_scale": spec.sampler.guidance_scale,
         "conditional": plan.labels is not None or plan.prompts is not None,
@@ -342,6 +389,10 @@ def run_metadata(spec: RunSpec, plan: SamplingPlan, notes: dict[str, str]) -> di
             "share_across_steps": hp.share_across_steps,
             "gmm_scale": hp.scale,
             "gmm_clipped_fraction": gmm.clipped_fraction(kernel_sigmas(plan.schedule, eta or 0.0), eta or 0.0),
+            "gmm_offset_mean_norm": gmm.offset_mean_norm(),
             "gmm_memory_bytes": gmm.memory_bytes,
         }
-    return meta | notes
+    if samples_from is not None:  # the same samples: the same account of what the sampler injected
+        source = json.loads((samples_from / RESULTS_FILE).read_text())
+        meta |= {"samples_from": str(samples_from), "variance_account": source.get("variance_account")}
+    return meta | notes | {"settings": spec.settings()}

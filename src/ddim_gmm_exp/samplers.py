@@ -197,6 +197,22 @@ def rfim_noise(
     return rfim_gmm(denoiser, x, schedule, generator=generator, callback=callback, eta=eta, gmm=kernel)
 
 
+def ddim_scheduler(scheduler_config: dict[str, Any], spacing: str, steps: int) -> Any:
+    """diffusers' DDIMScheduler for the model's config with this spacing, after set_timesteps(steps)."""
+    from ddim_gmm_exp.diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(dict(scheduler_config) | {"timestep_spacing": spacing})
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def timesteps_are_sound(timesteps: list[int], steps: int, num_train_timesteps: int) -> bool:
+    """S distinct timesteps inside [0, T - 1], noisiest first: what a DDIM walk of S steps needs
+    (diffusers' trailing spacing lists S + 1 ending at -1 for some S, e.g. 61 at T = 1000)."""
+    inside = all(0 <= t < num_train_timesteps for t in timesteps)
+    return len(timesteps) == steps and inside and all(a > b for a, b in zip(timesteps, timesteps[1:], strict=False))
+
+
 def kernel_sigmas(schedule: Schedule, eta: float) -> list[float]:
     """sigma of every step, as the kernels use it: DDIM's eq. 16, or eta * s for the flow step t -> s."""
     if isinstance(schedule, FlowSchedule):
