@@ -450,3 +450,19 @@ def test_bad_step_counts_are_refused_by_name(count):
     with pytest.raises(ValueError, match=rf"num_inference_steps={re.escape(repr(count))} {allowed}"):
         scheduler.set_timesteps(count)
     assert scheduler.num_inference_steps is None
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_a_step_refused_for_the_gmms_dimension_draws_and_records_nothing(eta):
+    """A GMM of the wrong dimension is refused before z is drawn (the caller's generator is where
+    it was) and before the step's sigma is recorded (clipped_fraction counts no step that never ran)."""
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(10)
+    scheduler.set_gmm_params(GMM().initialize(dim=5, n_components=2, n_steps=10))
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    t = scheduler.timesteps[0]
+    with pytest.raises(ValueError, match=r"GMM dim=5 does not match the sample shape \(3,\)"):
+        scheduler.step(torch.zeros(1, 3), t, torch.zeros(1, 3), eta=eta, generator=generator)
+    assert torch.equal(generator.get_state(), state)
+    assert scheduler.clipped_fraction is None  # no step ran (it said 0.0 before)

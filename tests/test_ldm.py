@@ -476,3 +476,22 @@ def test_bad_stability_arguments(model, call, message):
     sampler.make_schedule(ddim_num_steps=10, verbose=False)
     with pytest.raises(ValueError, match=message):
         call(sampler, x)
+
+
+def test_gmm_params_alone_take_the_gmm_and_gmm_false_with_them_is_refused(model):
+    """DDIMSampler(model, gmm_params=g) samples DDIM-GMM (it sampled plain DDIM before);
+    gmm=False with gmm_params is a contradiction and refused."""
+    gmm = GMM().initialize(dim=192, n_components=4, n_steps=10, scale=3.0)
+    implied = DDIMSampler(model, gmm_params=gmm)
+    explicit = DDIMSampler(model, gmm=True, gmm_params=gmm)
+    plain = DDIMSampler(model)
+    x_t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def draw(sampler):
+        return sampler.sample(S=10, batch_size=2, shape=(3, 8, 8), eta=0.0, x_T=x_t, generator=torch.Generator())[0]
+
+    assert implied.gmm is True and implied.gmm_params is gmm
+    assert torch.equal(draw(implied), draw(explicit))
+    assert not torch.allclose(draw(implied), draw(plain))
+    with pytest.raises(ValueError, match="gmm=False contradicts the gmm_params given"):
+        DDIMSampler(model, gmm=False, gmm_params=gmm)

@@ -151,3 +151,18 @@ def test_paper_kernel_acts_at_eta_zero_and_matched_ones_do_not():
     assert paper(last_step=True).mixes_at(1, 2, eta=0.0)
     matched = GMM().initialize(dim=64, n_components=8, n_steps=2, construction="matched_diagonal")
     assert not matched.mixes_at(0, 2, eta=0.0) and matched.mixes_at(0, 2, eta=0.5)
+
+
+@pytest.mark.parametrize("uniform", PRIORS)
+def test_offset_mean_norm_is_rands_weighted_mean_and_zero_for_ortho(uniform):
+    """gmm_offset_mean_norm = mean over steps of |sum_k pi_k delta_k|, computed here from the stored
+    priors and offsets step by step: RAND's (eq. 9) is not 0, ORTHO's (eq. 10) is 0 up to rounding."""
+    rand = paper(orthonormal=False, uniform=uniform, n_steps=3)
+    by_hand = []
+    for i in range(3):
+        priors, offsets = rand.step_parameters(i)["priors"], rand.offsets(i)
+        by_hand.append(float(sum(p * offsets[k] for k, p in enumerate(priors)).norm()))
+    assert rand.offset_mean_norm() == pytest.approx(sum(by_hand) / 3, rel=1e-12)
+    assert rand.offset_mean_norm() > 1e-3
+    assert paper(orthonormal=True, uniform=uniform, n_steps=3).offset_mean_norm() < 1e-12
+    assert paper(k=1, orthonormal=False, uniform=uniform).offset_mean_norm() == 0.0  # K = 1: delta = 0

@@ -251,9 +251,6 @@ class DDIMScheduler(diffusers.DDIMScheduler):
                 "Cannot pass both generator and variance_noise. Please make sure that either "
                 "`generator` or `variance_noise` stays `None`."
             )
-        if gmm is not None:  # for clipped_fraction: the sigma of a mixing step, None for the others
-            mixes = gmm.mixes_at(i, len(self.timesteps), eta)
-            self._step_sigmas[i] = float(ddim_sigma(abar_t, abar_prev, eta)) if mixes else None
         prev_sample, x0 = ddim_kernel_step(
             model_output,
             sample,
@@ -269,6 +266,9 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             use_clipped_model_output=use_clipped_model_output,
             **x0_options(self.config),
         )
+        if gmm is not None:  # for clipped_fraction: the sigma of a mixing step (None for the others), once it ran
+            mixes = gmm.mixes_at(i, len(self.timesteps), eta)
+            self._step_sigmas[i] = float(ddim_sigma(abar_t, abar_prev, eta)) if mixes else None
         if not return_dict:
             return prev_sample, x0
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -432,11 +432,11 @@ class RFIMScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
             num_steps=num_steps,
             eta=eta,
         )
-        if gmm is not None:  # for clipped_fraction: the sigma of a mixing step, None for the others
-            self._step_sigmas[i] = float(rfim_sigma(s, eta)) if gmm.mixes_at(i, num_steps, eta) else None
         prev_sample, x0 = rfim_step(
             model_output, sample, t, s, eta, noise, gmm=gmm, step_index=i, components=components
         )
+        if gmm is not None:  # for clipped_fraction: the sigma of a mixing step (None for the others), once it ran
+            self._step_sigmas[i] = float(rfim_sigma(s, eta)) if gmm.mixes_at(i, num_steps, eta) else None
         self._step_index += 1
         prev_sample = prev_sample.to(model_output.dtype)  # as diffusers: back to the model's dtype
         if not return_dict:

@@ -140,13 +140,16 @@ class DDIMSampler:
 
     >>> sampler = DDIMSampler(model, gmm=True, gmm_params=gmm)   # doctest: +SKIP
     >>> samples, intermediates = sampler.sample(S=50, batch_size=4, shape=(4, 32, 32), eta=1.0)
+
+    ``gmm`` left out: the GMM is used when ``gmm_params`` is given; ``gmm=False`` with
+    ``gmm_params`` is refused (it would silently sample plain DDIM).
     """
 
     def __init__(
         self,
         model: Any,
         schedule: str = "linear",
-        gmm: bool = False,
+        gmm: bool | None = None,
         gmm_params: GMM | None = None,
         **kwargs: Any,
     ) -> None:
@@ -156,8 +159,12 @@ class DDIMSampler:
                     f"model {type(model).__name__} has no {attribute!r}: DDIMSampler needs "
                     "apply_model(x, t, c), alphas_cumprod and num_timesteps (as CompVis LatentDiffusion)"
                 )
+        if gmm is None:  # a given gmm_params implies the GMM
+            gmm = gmm_params is not None
         if gmm and gmm_params is None:
             raise ValueError("gmm=True needs gmm_params: pass an initialized GMM")
+        if not gmm and gmm_params is not None:
+            raise ValueError("gmm=False contradicts the gmm_params given: pass gmm=True or no gmm_params")
         if gmm and not gmm_params.initialized:
             raise ValueError("gmm_params has no parameters yet: call gmm_params.initialize(...) first")
         self.model = model

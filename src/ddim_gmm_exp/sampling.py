@@ -185,6 +185,8 @@ def kernel_noise(
     trivial one with K = 1 or scale = 0, the last step) draws no k, so it leaves the random
     streams, and the output, bit-identical to DDIM's. ``z`` given: used instead of a draw.
     """
+    if gmm is not None:  # before any draw: a refused step leaves the caller's generator where it was
+        gmm.check_shape(tuple(shape))
     mixes = gmm is not None and gmm.mixes_at(step_index, num_steps, eta)
     if z is None and (eta > 0 or mixes):
         z = randn(shape, generator, device=device, dtype=dtype)
