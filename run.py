@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ddim_gmm_exp.cli import check_group_overrides, restore_resume_overrides, run_task
+from ddim_gmm_exp.cli import check_composes, check_group_overrides, prepare_resume, run_task
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -22,6 +22,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = restore_resume_overrides(sys.argv[1:])
+    sys.argv[1:] = prepare_resume(sys.argv[1:])
     check_group_overrides(CONF_DIR, sys.argv[1:])
+    check_composes(CONF_DIR, sys.argv[1:])
     main()

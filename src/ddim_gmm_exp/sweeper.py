@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
 from ddim_gmm_exp import checks
@@ -85,9 +86,12 @@ def check_job(config_loader: Any, master: DictConfig, overrides: list[str], num:
         spec = resolve_job(config_loader, master, overrides, num)
         checks.check_run(spec, in_multirun=True)
         checks.indices_to_sample(spec)
-    except ConfigError as err:
+    except (ConfigError, HydraException) as err:
         remove_unused_sweep_dir(Path(master.hydra.sweep.dir))
-        fail(f"job {num} ({' '.join(overrides)}): {err}; no job of the sweep was run")
+        reason = str(err).strip().splitlines()[0]
+        if isinstance(err, HydraException) and err.__cause__ is not None:  # Hydra's own says why in its cause
+            reason += f": {str(err.__cause__).splitlines()[0]}"
+        fail(f"job {num} ({' '.join(overrides)}): {reason}; no job of the sweep was run")
     return plan_entry(spec, num, overrides)
 
 
