@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from helpers.runs import SMALL, compose_config, run_cli
 
 from ddim_gmm_exp.errors import ConfigError
@@ -47,6 +48,20 @@ from ddim_gmm_exp.runner import run
             ["model=digits_flow", "sampler=rfim", "sampler.timestep_spacing=trailing"],
             "sampler.timestep_spacing='trailing' is not used by sampler=rfim",
         ),
+        # the control's offset size, checked before the model loads (it failed after, with a traceback)
+        (["sampler=ddim_noise", "gmm.scale=-1"], r"gmm.scale: scale=-1 is not allowed: it must be a finite number"),
+        (["sampler=ddim_noise", "gmm.last_step=1"], "gmm.last_step=1 is not allowed: it must be true or false"),
+        # a variant and a sampler that contradict each other, in either order
+        (["variant=rand", "sampler=ddim"], "variant=rand runs sampler=ddim_gmm but sampler=ddim was also given"),
+        (["sampler=ddim", "variant=rand"], "variant=rand runs sampler=ddim_gmm but sampler=ddim was also given"),
+        (["variant=ortho_vub", "sampler=ddim_noise"], "variant=ortho_vub runs sampler=ddim_gmm but sampler=ddim_noise"),
+        # diffusers' trailing spacing lists 62 timesteps ending at -1 for S = 61
+        (
+            ["sampler.timestep_spacing=trailing", "sampler.steps=61"],
+            r"sampler.steps=61 is not allowed with sampler.timestep_spacing='trailing'.*use sampler.steps=60 or 62",
+        ),
+        (["metrics.fid.reference_samples=1"], "metrics.fid.reference_samples=1 is not allowed: it must be an integer"),
+        (["sampler=ddim_gmm", "+gmm.n_component=4"], "gmm.n_component=4 is not a GMM setting: the settings are n_comp"),
     ],
 )
 def test_bad_input_is_refused_before_sampling(overrides, message, tmp_path, cache_dir):
@@ -54,6 +69,27 @@ def test_bad_input_is_refused_before_sampling(overrides, message, tmp_path, cach
     with pytest.raises(ConfigError, match=message):
         run(cfg)
     assert not (tmp_path / "samples").exists() or not any((tmp_path / "samples").iterdir())
+    assert not (tmp_path / "run_config.json").exists()
+
+
+@pytest.mark.parametrize("spacing,steps", [("trailing", 60), ("trailing", 62), ("leading", 61), ("linspace", 61)])
+def test_step_counts_whose_grid_is_sound_run_the_steps_they_say(spacing, steps, tmp_path, cache_dir):
+    """results.json's steps are the steps that ran: S distinct timesteps in [0, T - 1]."""
+    cfg = compose_config(
+        [*SMALL, f"sampler.timestep_spacing={spacing}", f"sampler.steps={steps}", "data.num_samples=2",
+         "metrics.fid.enabled=false", "logger=none"],
+        tmp_path,
+        cache_dir,
+    )  # fmt: skip
+    results = run(cfg)
+    assert results["steps"] == steps and results["settings"]["sampler.steps"] == steps
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_trainer_without_a_gpu_is_refused(tmp_path, cache_dir):
+    cfg = compose_config([*SMALL, "trainer=gpu"], tmp_path, cache_dir)
+    with pytest.raises(ConfigError, match="trainer.accelerator='gpu' but no GPU was found: use trainer=cpu"):
+        run(cfg)
 
 
 def test_reference_with_the_wrong_feature_dimension(tmp_path, cache_dir):
@@ -80,15 +116,23 @@ def test_inception_without_local_weights_says_which_file(tmp_path, cache_dir, mo
         (["-m", "model=toy,nope"], "model=nope is not a config option"),
         (["sampler.eta=-1"], "sampler.eta=-1 is not allowed"),
         (["data.batch_size=0"], "data.batch_size=0 is not allowed"),
+        # keys the config does not have: the keys it has, not Hydra's "not in struct"
+        (["gmm.n_component=4"], "gmm.n_component=4 is not a setting: gmm has construction, last_step, n_components"),
+        (["sampler.order=2"], "sampler.order=2 is not a setting: sampler has eta, family, function"),
+        (["-m", "sampler.order=2,3"], "sampler.order=2 is not a setting: sampler has eta"),
+        (["sampler=ddim_gmm", "+gmm.n_component=4"], "gmm.n_component=4 is not a GMM setting"),
+        (["sampler=ddim_noise", "gmm.scale=-1"], "gmm.scale: scale=-1 is not allowed"),
+        (["model=toy", "sampler.timestep_spacing=trailing", "sampler.steps=61"], "use sampler.steps=60 or 62"),
     ],
 )
 def test_command_line_errors_are_one_line_and_exit_2(args, message, tmp_path):
+    """...and a run refused before it started leaves no folder (Hydra had made one, with .hydra/)."""
     proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1]
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "samples").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
 def test_clip_score_without_prompts_is_refused_before_sampling(tmp_path, cache_dir, tiny_clip_dir):
