@@ -202,7 +202,7 @@ def test_wandb_run_is_finished_on_error(tmp_path, cache_dir, monkeypatch, caplog
     with pytest.raises(RuntimeError, match="boom"):
         run(cfg)
     assert wandb.run is None
-    assert f"resume with  python run.py resume=true hydra.run.dir={tmp_path}" in caplog.text
+    assert f"resume with: python run.py resume=true hydra.run.dir={tmp_path}" in caplog.text
     (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     for _ in range(300):
         exits = [r.exit.exit_code for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]

@@ -166,22 +166,29 @@ def skip_as_duplicate(output_dir: Path, original: Path) -> dict[str, Any]:
 
 def reuse_samples(spec: RunSpec, todo: list[int], done: list[int]) -> tuple[list[int], list[int], Path | None]:
     """(to sample, on disk, source): a fresh sweep job whose samples an earlier, finished job made
-    (with other metric settings) links that job's PNGs and only scores them."""
+    (with other metric settings) links that job's samples/ (PNGs and their variance-account
+    records) and only scores them."""
     source = earlier_job(spec, "samples_of")
     if source is None or done or not spec.output.save_images or not (source / RESULTS_FILE).is_file():
         return todo, done, None
-    pngs = [png_path(source / "samples", i) for i in range(spec.data.num_samples)]
-    if not all(png.is_file() for png in pngs):
+    indices = list(range(spec.data.num_samples))
+    if not all(png_path(source / "samples", i).is_file() for i in indices):
         return todo, done, None
-    sample_dir = spec.output.output_dir / "samples"
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    for png in pngs:
-        try:
-            os.link(png, sample_dir / png.name)
-        except OSError:  # another file system: copy
-            shutil.copy2(png, sample_dir / png.name)
-    log.info("same samples as job %s (other metric settings): scoring its %d PNGs", source.name, len(pngs))
-    return [], list(range(len(pngs))), source
+    link_tree(source / "samples", spec.output.output_dir / "samples")
+    log.info("same samples as job %s (other metric settings): scoring its %d PNGs", source.name, len(indices))
+    return [], indices, source
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Hard links of every file under source at the same place under target (copies across file systems)."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, destination)
+            except OSError:
+                shutil.copy2(path, destination)
 
 
 # ----------------------------------------------------------------------------------- builders
@@ -392,7 +399,6 @@ def run_metadata(
             "gmm_offset_mean_norm": gmm.offset_mean_norm(),
             "gmm_memory_bytes": gmm.memory_bytes,
         }
-    if samples_from is not None:  # the same samples: the same account of what the sampler injected
-        source = json.loads((samples_from / RESULTS_FILE).read_text())
-        meta |= {"samples_from": str(samples_from), "variance_account": source.get("variance_account")}
+    if samples_from is not None:
+        meta["samples_from"] = str(samples_from)
     return meta | notes | {"settings": spec.settings()}
