@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 import warnings
@@ -331,9 +332,7 @@ def wandb_run_id(output_dir: Path) -> str:
     path = output_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B's own ids are 8 lowercase alphanumerics
     path.write_text(run_id + "\n")
     return run_id
 
