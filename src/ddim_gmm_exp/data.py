@@ -39,7 +39,9 @@ def resolve_labels(labels: str | Sequence[int] | None, num_classes: int) -> list
     """'balanced' -> 0, 1, ..., C-1 repeated; a list -> itself (checked); None -> unconditional."""
     if labels is None:
         return None
-    if labels == "balanced":  # the default: class-conditional models get every class equally often
+    # the default: class i % C for sample i, so every class equally often only when num_samples is a
+    # multiple of C (1005 samples of 10 classes: 101 of classes 0-4, 100 of 5-9; the runner warns)
+    if labels == "balanced":
         return list(range(num_classes)) if num_classes else None
     if num_classes == 0:
         raise ConfigError(f"data.labels={labels!r} given but the model is unconditional: use data.labels=null")

@@ -249,6 +249,13 @@ def build_plan(spec: RunSpec, adapter: ModelAdapter, prompts: list[str] | None, 
     labels = resolve_labels(spec.data.labels, adapter.num_classes)
     if guidance == 0:  # out_u + 0 (out_c - out_u): the unconditional model, run as such
         labels = None
+    if labels is not None and spec.data.num_samples % len(labels):
+        log.warning(
+            "data.num_samples=%d is not a multiple of the %d labels: classes 0..%d get one sample more",
+            spec.data.num_samples,
+            len(labels),
+            spec.data.num_samples % len(labels) - 1,
+        )
     return SamplingPlan(
         sampler=spec.sampler.function,
         schedule=schedule,
