@@ -251,10 +251,10 @@ def build_plan(spec: RunSpec, adapter: ModelAdapter, prompts: list[str] | None, 
         labels = None
     if labels is not None and spec.data.num_samples % len(labels):
         log.warning(
-            "data.num_samples=%d is not a multiple of the %d labels: classes 0..%d get one sample more",
+            "data.num_samples=%d is not a multiple of the %d labels: the first %d get one sample more",
             spec.data.num_samples,
             len(labels),
-            spec.data.num_samples % len(labels) - 1,
+            spec.data.num_samples % len(labels),
         )
     return SamplingPlan(
         sampler=spec.sampler.function,
