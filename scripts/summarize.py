@@ -1,19 +1,31 @@
-"""Rebuild a sweep's summary.csv, summary.md and summary.png from its jobs' results.json.
+"""Rebuild a sweep's summary.csv, summary.md and summary.png (and paper.md, paper.png) from its jobs' results.json.
 
 python scripts/summarize.py multirun/sample/2026-11-27_09-00-00
+python scripts/summarize.py multirun/sample/2026-11-27_09-00-00 --metric classifier_confidence
 """
 
 import argparse
 import sys
 
+from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.sweep import write_summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", help="a Hydra multirun directory (holds one folder per job)")
+    parser.add_argument(
+        "--metric",
+        default=None,
+        metavar="NAME",
+        help="the primary metric of paper.md and paper.png (default: the first FID-like metric, else the first)",
+    )
     args = parser.parse_args(argv)
-    written = write_summary(args.sweep_dir)
+    try:
+        written = write_summary(args.sweep_dir, metric=args.metric)
+    except ConfigError as err:  # an unknown --metric: one line naming the ones there are
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not written:
         print(f"error: no results.json under {args.sweep_dir}", file=sys.stderr)
         return 2

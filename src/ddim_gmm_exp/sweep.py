@@ -2,11 +2,14 @@
 
     python scripts/summarize.py multirun/sample/2026-11-27_09-00-00   # rebuild after the fact
 
-Each job's results.json becomes a row; the plot shows each metric against steps, one line per
-(sampler, eta, variant, K, scale, guidance), averaged over seeds with min-max bars where seeds vary.
-A sweep over GMM variants also gets the paper's reporting (Tables 7-8, Fig. 1): paper.md, one
-table per (guidance, eta) with the best scale s per (variant, steps) cell next to its value, and
-paper.png, the FID against steps, one panel per eta.
+Each job's results.json becomes a row. A series is every job that shares all the settings that
+differ between the jobs (results.json's ``settings``) but the seed and the step count: its label
+is the readable "sampler eta variant K s cfg" plus ``key=value`` for every other differing setting.
+Each seed counts once per (series, steps). The plot shows each metric against steps, one line per
+series, averaged over seeds with min-max bars where seeds vary. A sweep over GMM variants also gets
+the paper's reporting (Tables 7-8, Fig. 1): paper.md, one table per (guidance, eta) with the best
+scale s per (variant, steps) cell, chosen on the seeds every s of the cell has, next to its value,
+and paper.png, the primary metric (``summary.metric``) against steps, one panel per eta, ± std bars.
 """
 
 from __future__ import annotations
@@ -14,15 +17,23 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import re
+import statistics
 from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ddim_gmm_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# results.json's top-level description of a job: the only one older runs (without "settings") have
 KEY_COLUMNS = [
     "sampler",
     "eta",
@@ -34,50 +45,220 @@ KEY_COLUMNS = [
     "steps",
     "seed",
 ]
-
+# the dotted setting each of them stands for, so that older runs are told apart the same way
+LEGACY_SETTINGS = {
+    "model": "model.name",
+    "sampler": "sampler.name",
+    "eta": "sampler.eta",
+    "variant": "variant",
+    "n_components": "gmm.n_components",
+    "gmm_scale": "gmm.scale",
+    "conditional": "conditional",
+    "guidance_scale": "sampler.guidance_scale",
+    "steps": "sampler.steps",
+    "seed": "data.seed",
+}
+SEED_KEY, STEPS_KEY, SCALE_KEY = "data.seed", "sampler.steps", "gmm.scale"
+# settings the readable labels already say (the variant name is made of the GMM's construction
+# flags), in the order they are named where the readable part hides a difference (_unique_labels)
+SAID_BY_LABEL = (
+    "model.name",
+    "sampler.name",
+    "sampler.guidance_scale",
+    "sampler.eta",
+    "gmm.n_components",
+    "gmm.scale",
+    "gmm.construction",
+    "gmm.orthonormal",
+    "gmm.upper_bound_vars",
+    "gmm.share_across_steps",
+    "sampler.function",
+    "variant",
+    "conditional",
+)
 
 # per job: E||x_s - m||^2 / D over steps, its excess over DDIM's sigma^2, the clipped fraction
 ACCOUNT_COLUMNS = ["injected_per_dim", "extra_per_dim", "gmm_clipped_fraction"]
+MISSING_MARK = "†"  # a cell with fewer seeds than its table
+
+
+# ----------------------------------------------------------------------------------- rows
 
 
 def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One flat row per job's results.json under sweep_dir, in job order."""
-    rows = []
-    for path in sorted(Path(sweep_dir).glob("**/results.json"), key=lambda p: _job_key(p, sweep_dir)):
-        result = json.loads(path.read_text())
-        row = {"job": str(path.parent.relative_to(sweep_dir))}
-        row |= {k: result.get(k) for k in ["model", *KEY_COLUMNS]}
-        row |= result.get("metrics", {})
-        account = result.get("variance_account") or {}
-        row |= {
-            "injected_per_dim": account.get("injected_per_dim"),
-            "extra_per_dim": account.get("extra_per_dim"),
-            "gmm_clipped_fraction": result.get("gmm_clipped_fraction"),
-            "images_per_second": result.get("images_per_second"),
-            "overrides": " ".join(result.get("overrides", [])),
-        }
-        rows.append(row)
+    """One flat row per job's results.json under sweep_dir, in job order, each with its summary
+    series ("series"), its paper series and, for a repeated seed, the job it repeats ("duplicate_of")."""
+    sweep_dir = Path(sweep_dir)
+    paths = sorted(sweep_dir.glob("**/results.json"), key=lambda p: _job_key(p, sweep_dir))
+    rows = [_result_row(path, sweep_dir) for path in paths]
     models = {row["model"] for row in rows}
     for row in rows:  # name the model in a series only when the sweep has several
         row["_only_model"] = next(iter(models)) if len(models) == 1 else None
+    summary = series_labels(rows, {SEED_KEY, STEPS_KEY}, _readable_label)
+    paper = series_labels(rows, {SEED_KEY, STEPS_KEY, SCALE_KEY}, _paper_name, _paper_context)
+    for row, label, paper_label in zip(rows, summary, paper, strict=True):
+        row["series"], row["_paper_series"] = label, paper_label
+    mark_duplicates(rows)
     return rows
 
 
+def _result_row(path: Path, sweep_dir: Path) -> dict[str, Any]:
+    result = json.loads(path.read_text())
+    settings = result.get("settings")
+    row: dict[str, Any] = {"job": str(path.parent.relative_to(sweep_dir))}
+    row |= {k: result.get(k) for k in ["model", *KEY_COLUMNS]}
+    if isinstance(settings, dict):  # the top-level seed and steps are copies of these
+        row["seed"] = row["seed"] if row["seed"] is not None else settings.get(SEED_KEY)
+        row["steps"] = row["steps"] if row["steps"] is not None else settings.get(STEPS_KEY)
+    row |= result.get("metrics", {})
+    account = result.get("variance_account") or {}
+    row |= {
+        "injected_per_dim": account.get("injected_per_dim"),
+        "extra_per_dim": account.get("extra_per_dim"),
+        "gmm_clipped_fraction": result.get("gmm_clipped_fraction"),
+        "images_per_second": result.get("images_per_second"),
+        "overrides": " ".join(result.get("overrides", [])),
+        "duplicate_of": None,
+        # older results.json files lack "settings": their top-level keys are all they say
+        "_recorded": isinstance(settings, dict),
+        "_settings": settings if isinstance(settings, dict) else {v: row[k] for k, v in LEGACY_SETTINGS.items()},
+    }
+    return row
+
+
 def _job_key(path: Path, sweep_dir: Path) -> tuple:
+    # numbered folders in number order; (0, n) / (1, name) so that "0" next to "controls" compares
     parts = path.parent.relative_to(sweep_dir).parts
-    return tuple(int(p) if p.isdigit() else p for p in parts)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
 def metric_names(rows: list[dict[str, Any]]) -> list[str]:
-    fixed = {"job", "model", "_only_model", "images_per_second", "overrides", *ACCOUNT_COLUMNS, *KEY_COLUMNS}
+    fixed = {"job", "model", "series", "images_per_second", "overrides", "duplicate_of", *ACCOUNT_COLUMNS, *KEY_COLUMNS}
     names: list[str] = []
     for row in rows:
-        names += [k for k in row if k not in fixed and k not in names and isinstance(row[k], int | float)]
+        names += [k for k in row if k not in fixed and not k.startswith("_") and k not in names and _is_number(row[k])]
     return names
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------------- series
+
+_MISSING = object()  # a setting a job does not have (the GMM's keys for a sampler without one)
+
+
+@dataclass(frozen=True)
+class _Series:
+    """What one series is: its readable name, where it is shown (a paper table) and the value of
+    every setting that differs between the jobs; rows with equal _Series differ only in the
+    excluded settings (seed, steps)."""
+
+    context: tuple
+    name: str
+    recorded: bool
+    settings: tuple[tuple[str, Any], ...]
+
+
+def differing_settings(rows: list[dict[str, Any]], exclude: Iterable[str] = ()) -> list[str]:
+    """The setting keys whose values are not the same in every row (absent counts as a value)."""
+    keys = sorted({k for row in rows for k in row["_settings"]} - set(exclude))
+    return [k for k in keys if len({_hashable(row["_settings"].get(k, _MISSING)) for row in rows}) > 1]
+
+
+def _hashable(value: Any) -> Any:
+    # the contract is JSON scalars; a list or dict that slipped through compares as its JSON text
+    return json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+
+
+def series_labels(
+    rows: list[dict[str, Any]],
+    exclude: set[str],
+    name: Callable[[dict[str, Any]], str],
+    context: Callable[[dict[str, Any]], tuple] = lambda row: (),
+) -> list[str]:
+    """One label per row: two rows (in one context) share it exactly when they share ``name`` and
+    every setting that differs between the jobs but the excluded ones. Jobs with and without
+    recorded settings are compared among their own kind (their keys are not the same)."""
+    differing = {
+        flag: differing_settings([r for r in rows if r["_recorded"] is flag], exclude) for flag in (True, False)
+    }
+    series = [
+        _Series(
+            context(row),
+            name(row),
+            row["_recorded"],
+            tuple((k, _hashable(row["_settings"].get(k, _MISSING))) for k in differing[row["_recorded"]]),
+        )
+        for row in rows
+    ]
+    labels = _unique_labels(set(series))
+    return [labels[s] for s in series]
+
+
+def _unique_labels(series: set[_Series]) -> dict[_Series, str]:
+    """name + key=value for each setting the name does not say that takes two values; where two
+    series would still read the same (a difference the name hides, or a setting one of them lacks),
+    the settings they differ in are added."""
+    present: dict[str, set] = defaultdict(set)
+    for s in series:
+        for k, value in s.settings:
+            present[k] |= set() if value is _MISSING else {value}
+    # a key only some jobs have (the GMM's, absent for DDIM) is said by the sampler's name
+    shown = sorted(k for k, values in present.items() if len(values) > 1 and k not in SAID_BY_LABEL)
+    labels = {s: _label(s, shown) for s in series}
+    for group in _collisions(labels):
+        labels |= _reveal(group, shown)
+    for group in _collisions(labels):  # left: a job without recorded settings next to one with
+        for s in group:
+            labels[s] += "" if s.recorded else " (settings not recorded)"
+    return labels
+
+
+def _reveal(group: set[_Series], shown: list[str]) -> dict[_Series, str]:
+    """Labels for series that read the same: the settings they differ in are added one by one
+    (names first) until the labels differ."""
+    keys = {k for s in group for k, _ in s.settings} - set(shown)
+    order = {k: i for i, k in enumerate(SAID_BY_LABEL)}
+    revealed: list[str] = []
+    for key in sorted(keys, key=lambda k: (order.get(k, len(order)), k)):
+        if len({dict(s.settings).get(key, _MISSING) for s in group}) > 1:
+            revealed.append(key)
+            labels = {s: _label(s, shown, revealed) for s in group}
+            if len(set(labels.values())) == len(group):
+                break
+    return {s: _label(s, shown, revealed) for s in group}
+
+
+def _collisions(labels: dict[_Series, str]) -> list[set[_Series]]:
+    by_label: dict[tuple, set[_Series]] = defaultdict(set)
+    for s, label in labels.items():
+        by_label[(s.context, label)].add(s)
+    return [group for group in by_label.values() if len(group) > 1]
+
+
+def _label(series: _Series, shown: list[str], revealed: Iterable[str] = ()) -> str:
+    """series.name + " key=value" for the shown keys it has and every revealed key (unset if absent)."""
+    values = dict(series.settings)
+    pairs = [(k, values[k]) for k in shown if values.get(k, _MISSING) is not _MISSING]
+    pairs += [(k, values.get(k, _MISSING)) for k in revealed]
+    return series.name + "".join(f" {k}={'unset' if v is _MISSING else _text(v)}" for k, v in sorted(pairs))
+
+
+def _text(value: Any) -> str:
+    """A setting as a command-line override writes it (true, null, 0.5, trailing)."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return str(value)
+
+
 def series_label(row: dict[str, Any]) -> str:
-    """Everything that tells jobs apart but the seed (jobs that differ only in seed are averaged)."""
+    """The row's series (set by collect_results); the readable label for a row built by hand."""
+    return row.get("series") or _readable_label(row)
+
+
+def _readable_label(row: dict[str, Any]) -> str:
     label = f"{row['sampler']} eta={row['eta']}"
     if row.get("n_components") is not None:
         label += f" {row.get('variant')} K={row['n_components']}"
@@ -92,91 +273,187 @@ def series_label(row: dict[str, Any]) -> str:
     return label
 
 
-def aggregate(rows: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[int, float, float, float, int]]]:
-    """label -> [(steps, mean, min, max, n_seeds)], over the jobs that differ only in seed."""
-    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+# ----------------------------------------------------------------------------------- seeds
+
+
+def mark_duplicates(rows: list[dict[str, Any]]) -> None:
+    """A seed present twice in one (series, steps) (a repeated job) counts once: the first job in
+    job order; the others get duplicate_of = that job and are left out of every table and plot."""
+    first: dict[tuple, str] = {}
     for row in rows:
-        if isinstance(row.get(metric), int | float):
-            groups[(series_label(row), row["steps"])].append(float(row[metric]))
+        key = (series_label(row), row.get("steps"), _hashable(row.get("seed")))
+        if key in first:
+            row["duplicate_of"] = first[key]
+        else:
+            first[key] = row["job"]
+
+
+def counted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that count: one per (series, steps, seed)."""
+    return [row for row in rows if not row.get("duplicate_of")]
+
+
+def duplicate_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per seed that several jobs hold, naming the job that counts."""
+    repeats: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("duplicate_of"):
+            repeats[row["duplicate_of"]].append(row)
+    by_job = {row["job"]: row for row in rows}
+    return [
+        f"seed {by_job[job]['seed']} of {series_label(by_job[job])} at {by_job[job]['steps']} steps is in jobs "
+        f"{', '.join([job, *(r['job'] for r in dups)])}: counted once (job {job})"
+        for job, dups in repeats.items()
+    ]
+
+
+def seed_values(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, Any], dict[Any, float]]:
+    """(series, steps) -> {seed: value} over the counted jobs that have the metric."""
+    values: dict[tuple[str, Any], dict[Any, float]] = defaultdict(dict)
+    for row in counted(rows):
+        if _is_number(row.get(metric)):
+            values[(series_label(row), row["steps"])][_hashable(row.get("seed"))] = float(row[metric])
+    return dict(values)
+
+
+def _seed_order(seed: Any) -> tuple:
+    return (0, seed, "") if _is_number(seed) else (1, 0, str(seed))
+
+
+def _seed_list(seeds: Iterable[Any]) -> str:
+    return ", ".join(str(s) for s in sorted(seeds, key=_seed_order))
+
+
+def missing_seeds(cells: dict[Any, set]) -> dict[Any, set]:
+    """cell -> the seeds it lacks that another cell of its table has (for the cells that lack any):
+    such a cell has fewer seeds than the table's most complete one, or other seeds than it."""
+    every = set().union(*cells.values()) if cells else set()
+    return {key: every - seeds for key, seeds in cells.items() if every - seeds}
+
+
+def _footnote(lines: list[str]) -> list[str]:
+    return [f"{MISSING_MARK} {'; '.join(lines)}", ""] if lines else []
+
+
+# ----------------------------------------------------------------------------------- summary
+
+
+def aggregate(rows: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[Any, float, float, float, int]]]:
+    """label -> [(steps, mean, min, max, n_seeds)], over the jobs that differ only in seed."""
     series: dict[str, list] = defaultdict(list)
-    for (label, steps), values in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        mean = sum(values) / len(values)
-        series[label].append((steps, mean, min(values), max(values), len(values)))
+    for (label, steps), by_seed in sorted(seed_values(rows, metric).items(), key=lambda kv: kv[0]):
+        values = list(by_seed.values())
+        series[label].append((steps, _mean(values), min(values), max(values), len(values)))
     return dict(series)
 
 
-def write_summary(sweep_dir: str | Path) -> list[Path]:
-    """summary.csv, summary.md and summary.png in sweep_dir; returns their paths."""
+def write_summary(sweep_dir: str | Path, metric: str | None = None) -> list[Path]:
+    """summary.csv, summary.md and summary.png in sweep_dir, and for a sweep with GMM (or control)
+    jobs paper.md and paper.png on ``metric`` (None: the first FID-like one); returns their paths.
+    An unknown metric raises ConfigError before anything is written."""
     sweep_dir = Path(sweep_dir)
     rows = collect_results(sweep_dir)
     if not rows:
         log.warning("no results.json under %s: no summary written", sweep_dir)
         return []
     metrics = metric_names(rows)
-    columns = ["job", "model", *KEY_COLUMNS, *metrics, *ACCOUNT_COLUMNS, "images_per_second", "overrides"]
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    primary = primary_metric(metrics, metric)
+    notes = duplicate_notes(rows)
+    for note in notes:
+        log.warning("duplicate jobs: %s", note)
+    write_csv(rows, metrics, sweep_dir / "summary.csv")
     (sweep_dir / "summary.md").write_text(summary_markdown(rows, metrics))
     plot_summary(rows, metrics, sweep_dir / "summary.png")
     written = [sweep_dir / name for name in ("summary.csv", "summary.md", "summary.png")]
     if any(row.get("gmm_scale") is not None for row in rows):  # a GMM or a control in the sweep
-        metric = primary_metric(metrics)
-        (sweep_dir / "paper.md").write_text(paper_markdown(rows, metric))
-        plot_paper(rows, metric, sweep_dir / "paper.png")
+        fallback = metric_fallback(metrics, metric)
+        if fallback:
+            log.warning("%s", fallback)
+        (sweep_dir / "paper.md").write_text(paper_markdown(rows, primary, fallback))
+        plot_paper(rows, primary, sweep_dir / "paper.png")
         written += [sweep_dir / "paper.md", sweep_dir / "paper.png"]
     return written
 
 
+def write_csv(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
+    """One line per job (repeated seeds too, with duplicate_of), the differing settings as columns."""
+    settings = differing_settings([r for r in rows if r["_recorded"]], {SEED_KEY, STEPS_KEY})
+    columns = [
+        "job",
+        "series",
+        "model",
+        *KEY_COLUMNS,
+        *settings,
+        *metrics,
+        *ACCOUNT_COLUMNS,
+        "images_per_second",
+        "duplicate_of",
+        "overrides",
+    ]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            recorded = row["_settings"] if row["_recorded"] else {}
+            writer.writerow(row | {k: recorded.get(k) for k in settings})
+
+
 def summary_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
-    """One table per metric (series x steps, mean +- std over seeds), the variance account, then
-    every metric in one table."""
+    """One table per metric (series x steps, mean +- std over seeds, n seeds), the variance
+    account, then every metric in one table; repeated seeds are named at the end."""
     account = ""
-    if any(isinstance(r.get("extra_per_dim"), int | float) for r in rows):
+    if any(_is_number(r.get("extra_per_dim")) for r in rows):
         account = (
             "Variance account: E||x_s - m||^2 / D - sigma^2, the second moment a sampler injects beyond "
             "DDIM's Gaussian, per coordinate, mean over steps (measured on the samples' own steps).\n\n"
             + pivot_markdown(rows, "extra_per_dim").replace("lower is better; ", "")
         )
-    return "\n".join(pivot_markdown(rows, m) for m in metrics) + "\n" + account + "\n" + long_markdown(rows, metrics)
+    text = "\n".join(pivot_markdown(rows, m) for m in metrics) + "\n" + account + "\n" + long_markdown(rows, metrics)
+    return text + _duplicates_markdown(rows)
+
+
+def _duplicates_markdown(rows: list[dict[str, Any]]) -> str:
+    notes = duplicate_notes(rows)
+    return "\nRepeated seeds (each counted once):\n\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
 
 
 def pivot_markdown(rows: list[dict[str, Any]], metric: str) -> str:
-    """``metric``: one row per series, one column per step count, mean +- std over seeds."""
-    series = aggregate(rows, metric)
-    steps = sorted({p[0] for points in series.values() for p in points})
-    seeds = max((p[4] for points in series.values() for p in points), default=1)
-    spread = "mean ± std over seeds" if seeds > 1 else "one seed"
+    """``metric``: one row per series, per step count the mean +- std over seeds and n, the seed
+    count; a cell that lacks a seed another cell has is marked and its missing seeds listed."""
+    by_cell = seed_values(rows, metric)
+    steps = sorted({st for _, st in by_cell})
+    seeds = max((len(v) for v in by_cell.values()), default=1)
+    spread = "mean ± std over seeds, n seeds" if seeds > 1 else "one seed"
     lines = [
         f"**{metric}** ({better_direction(metric)}; {spread})",
         "",
-        f"| series | {' | '.join(f'{s} steps' for s in steps)} |",
-        "|---|" + "---|" * len(steps),
+        f"| series | {' | '.join(f'{s} steps | n' for s in steps)} |",
+        "|---|" + "---|---|" * len(steps),
     ]
-    for label in sorted(series):
-        cells = {}
-        for step in steps:
-            values = [
-                float(r[metric])
-                for r in rows
-                if series_label(r) == label and r["steps"] == step and isinstance(r.get(metric), int | float)
-            ]
-            cells[step] = _mean_std(values)
-        lines.append(f"| {label} | {' | '.join(cells[s] for s in steps)} |")
-    return "\n".join(lines) + "\n"
+    missing = missing_seeds({k: set(v) for k, v in by_cell.items()})
+    for label in sorted({lbl for lbl, _ in by_cell}):
+        cells = [_summary_cell(by_cell.get((label, st)), (label, st) in missing) for st in steps]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    notes = [f"{k[0]} at {k[1]} steps: seeds missing: {_seed_list(v)}" for k, v in sorted(missing.items())]
+    return "\n".join([*lines, "", *_footnote(notes)]).rstrip("\n") + "\n"
+
+
+def _summary_cell(by_seed: dict[Any, float] | None, flagged: bool) -> str:
+    if not by_seed:
+        return " | "
+    return f"{_mean_std(list(by_seed.values()))} | {len(by_seed)}{MISSING_MARK if flagged else ''}"
 
 
 def long_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     """Mean +- std over seeds for every (series, steps), one table."""
     lines = [f"| series | steps | {' | '.join(metrics)} | seeds |", "|---|---|" + "---|" * (len(metrics) + 1)]
-    by_key: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for row in rows:
+    by_key: dict[tuple[str, Any], list[dict]] = defaultdict(list)
+    for row in counted(rows):
         by_key[(series_label(row), row["steps"])].append(row)
     for (label, steps), group in sorted(by_key.items()):
         cells = []
         for m in metrics:
-            values = [float(r[m]) for r in group if isinstance(r.get(m), int | float)]
+            values = [float(r[m]) for r in group if _is_number(r.get(m))]
             cells.append(_mean_std(values))
         lines.append(f"| {label} | {steps} | {' | '.join(cells)} | {len(group)} |")
     return "\n".join(lines) + "\n"
@@ -185,11 +462,18 @@ def long_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
 def _mean_std(values: list[float]) -> str:
     if not values:
         return ""
-    mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.4g}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.4g} ± {std:.2g}"
+        return f"{values[0]:.4g}"
+    return f"{_mean(values):.4g} ± {_std(values):.2g}"
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values)  # exact: equal values average to themselves (std 0, not 1e-16)
+
+
+def _std(values: list[float]) -> float | None:
+    """The sample standard deviation (n - 1); None for one value."""
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 HIGHER_IS_BETTER = ("accuracy", "modes_covered", "entropy", "confidence", "clip", "inception_score", "precision")
@@ -200,21 +484,34 @@ def better_direction(metric: str) -> str:
     return "higher is better" if any(k in metric.lower() for k in HIGHER_IS_BETTER) else "lower is better"
 
 
+def best_value(values: Iterable[float], metric: str) -> float:
+    """The best of values in the metric's direction (better_direction)."""
+    return max(values) if better_direction(metric) == "higher is better" else min(values)
+
+
 def varying_metrics(rows: list[dict[str, Any]], metrics: list[str]) -> list[str]:
     """The metrics that differ between jobs (a constant panel says nothing)."""
     varying = []
     for metric in metrics:
-        values = {round(float(r[metric]), 12) for r in rows if isinstance(r.get(metric), int | float)}
+        values = {round(float(r[metric]), 12) for r in counted(rows) if _is_number(r.get(metric))}
         if len(values) > 1:
             varying.append(metric)
     return varying
 
 
+def _figure_legend(fig: Any, axes: Iterable[Any], order: list[str], **kwargs: Any) -> None:
+    """One legend entry per series drawn in any panel (not only the first), in ``order``."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    names = [label for label in order if label in handles]
+    fig.legend([handles[n] for n in names], names, frameon=False, **kwargs)
+
+
 def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
     """Each varying metric against steps, one line per series, each with its own colour, marker
     and dash pattern (dashed: unconditional); bars span min-max over seeds where seeds vary."""
-    import math
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +520,8 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
     shown = varying_metrics(rows, metrics) or metrics[:1] or ["(no metric)"]
     cols = min(3, len(shown))
     rows_n = math.ceil(len(shown) / cols)
-    labels = sorted({series_label(r) for r in rows})
+    labels = sorted({series_label(r) for r in counted(rows)})
+    uncond = {series_label(r) for r in rows if r.get("conditional") is False}
     legend_rows = math.ceil(len(labels) / 2)
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.5 * cols, 4 * rows_n + 0.17 * legend_rows + 0.8), squeeze=False)
     markers = "osD^v<>pPX*h"
@@ -231,39 +529,40 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
         label: dict(
             color=plt.cm.tab10(i % 10),
             marker=markers[(i // 10 + i) % len(markers)],
-            linestyle="--" if label.endswith("uncond") else ("-", "-.", ":")[i // 10 % 3],
+            linestyle="--" if label in uncond else ("-", "-.", ":")[i // 10 % 3],
         )
         for i, label in enumerate(labels)
     }
     seeds = max((p[4] for m in shown for pts in aggregate(rows, m).values() for p in pts), default=1)
     for ax, metric in zip(axes.flat, shown, strict=False):
-        values = []
-        for label, points in aggregate(rows, metric).items():
-            # clamped: the mean of equal values can round a hair past them
-            errors = [[max(p[1] - p[2], 0.0) for p in points], [max(p[3] - p[1], 0.0) for p in points]]
-            values += [p[3] for p in points] + [p[2] for p in points]
-            ax.errorbar(
-                [p[0] for p in points], [p[1] for p in points], yerr=errors, capsize=3, label=label, **style[label]
-            )
-        if values and min(values) > 0 and max(values) / min(values) > 20:
-            ax.set_yscale("log")
-        else:
-            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-        steps = sorted({r["steps"] for r in rows if isinstance(r.get("steps"), int)})
-        ax.set_xticks(steps, [str(st) for st in steps])
-        ax.set_xlabel("steps")
-        ax.set_ylabel(metric)
-        spread = f"mean over {seeds} seeds, bars min-max" if seeds > 1 else "one seed"
-        ax.set_title(f"{metric} ({better_direction(metric)})\n{spread}", fontsize=9)
-        ax.grid(alpha=0.3)
+        _summary_panel(ax, rows, metric, style, seeds)
     for ax in list(axes.flat)[len(shown) :]:
         ax.axis("off")
-    handles, names = axes.flat[0].get_legend_handles_labels()
     bottom = (0.17 * legend_rows + 0.3) / fig.get_figheight()  # room for the legend, right under the panels
     fig.tight_layout(rect=(0, bottom, 1, 1))
-    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, bottom), ncol=2, fontsize=8, frameon=False)
+    _figure_legend(fig, axes.flat, labels, loc="upper center", bbox_to_anchor=(0.5, bottom), ncol=2, fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _summary_panel(ax: Any, rows: list[dict[str, Any]], metric: str, style: dict[str, dict], seeds: int) -> None:
+    values = []
+    for label, points in aggregate(rows, metric).items():
+        # clamped: the mean of equal values can round a hair past them
+        errors = [[max(p[1] - p[2], 0.0) for p in points], [max(p[3] - p[1], 0.0) for p in points]]
+        values += [p[3] for p in points] + [p[2] for p in points]
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, capsize=3, label=label, **style[label])
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    steps = sorted({r["steps"] for r in rows if isinstance(r.get("steps"), int)})
+    ax.set_xticks(steps, [str(st) for st in steps])
+    ax.set_xlabel("steps")
+    ax.set_ylabel(metric)
+    spread = f"mean over {seeds} seeds, bars min-max over seeds" if seeds > 1 else "one seed"
+    ax.set_title(f"{metric} ({better_direction(metric)})\n{spread}", fontsize=9)
+    ax.grid(alpha=0.3)
 
 
 # ----------------------------------------------------------------------------------- paper format
@@ -271,9 +570,32 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
 VARIANT_ORDER = ["DDIM", "DDIM_NOISE", "RFIM", "RFIM_NOISE", "RAND", "ORTHO", "ORTHO-VUB", "ORTHO-VUB*"]
 
 
-def primary_metric(metrics: list[str]) -> str:
-    """The metric the paper reports: the first FID-like one (lower is better), else the first."""
-    return next((m for m in metrics if "fid" in m.lower()), metrics[0] if metrics else "fid")
+def primary_metric(metrics: list[str], requested: str | None = None) -> str:
+    """The metric the paper format reports: ``requested`` (summary.metric, --metric), else the
+    first FID-like one, else the first. An unknown requested name is refused, naming the metrics."""
+    if requested is not None:
+        if requested not in metrics:
+            available = ", ".join(metrics) or "none"
+            raise ConfigError(
+                f"metric {requested!r} (summary.metric, --metric) is not among this sweep's metrics: {available}"
+            )
+        return requested
+    return next((m for m in metrics if is_fid_like(m)), metrics[0] if metrics else "fid")
+
+
+def is_fid_like(metric: str) -> bool:
+    """fid, fid_digits, sd_fid: "fid" as a word of the name (classifier_confidence holds the letters)."""
+    return re.search(r"(^|_)fid(_|$)", metric.lower()) is not None
+
+
+def metric_fallback(metrics: list[str], requested: str | None = None) -> str:
+    """The one line that says the primary metric fell back from FID, and why; "" otherwise."""
+    if requested is not None or not metrics or any(is_fid_like(m) for m in metrics):
+        return ""
+    return (
+        f"Primary metric: {metrics[0]}, the first metric, as these results have no FID-like metric "
+        "(FID skipped or disabled); summary.metric or --metric chooses another."
+    )
 
 
 def setting_label(row: dict[str, Any]) -> str:
@@ -287,113 +609,204 @@ def _variant_key(variant: str) -> tuple[int, str]:
     return (VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER), variant)
 
 
-def best_scale_cells(rows: list[dict[str, Any]], metric: str) -> dict[tuple, tuple[float, float | None, Any, int]]:
-    """(setting, eta, variant, K, steps) -> (mean, std, best s, n_seeds): over seeds, then the s with
-    the lowest mean (the paper reports the best s per cell)."""
-    by_scale: dict[tuple, list[float]] = defaultdict(list)
-    for row in rows:
-        if isinstance(row.get(metric), int | float):
-            key = (setting_label(row), row["eta"], row.get("variant") or "DDIM", row.get("n_components"), row["steps"])
-            by_scale[(*key, row.get("gmm_scale"))].append(float(row[metric]))
-    cells: dict[tuple, tuple[float, float | None, Any, int]] = {}
-    for (*key, scale), values in by_scale.items():
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
-        key = tuple(key)
-        if key not in cells or mean < cells[key][0]:
-            cells[key] = (mean, std, scale, len(values))
-    return cells
+def _paper_name(row: dict[str, Any]) -> str:
+    name = row.get("variant") or "DDIM"
+    return f"{row['model']}: {name}" if row.get("model") not in (None, row.get("_only_model")) else name
 
 
-def paper_markdown(rows: list[dict[str, Any]], metric: str) -> str:
-    """One table per (guidance setting, eta): variants x steps, "mean ± std (s=best)", best in bold."""
+def _paper_context(row: dict[str, Any]) -> tuple:
+    return (setting_label(row), row.get("eta"), row.get("n_components"))
+
+
+def paper_series(row: dict[str, Any]) -> str:
+    """The row's paper series (set by collect_results): its variant and every differing setting
+    but the seed, the steps and the scale s, which each cell chooses."""
+    return row.get("_paper_series") or _paper_name(row)
+
+
+class PaperKey(NamedTuple):
+    setting: str
+    eta: Any
+    series: str
+    n_components: int | None
+    steps: Any
+
+
+class Cell(NamedTuple):
+    """One paper cell: the best s's mean and std over ``seeds``, the seeds every s of it has."""
+
+    mean: float
+    std: float | None
+    scale: Any
+    n: int
+    seeds: tuple
+    note: str = ""  # how the seeds were chosen, when not the usual way
+
+
+def best_scale_cells(rows: list[dict[str, Any]], metric: str) -> dict[PaperKey, Cell]:
+    """(setting, eta, series, K, steps) -> Cell: the best s per cell in the metric's direction,
+    every s compared on the seeds they all have (the paper reports the best s per cell)."""
+    by_scale: dict[PaperKey, dict[Any, dict[Any, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in counted(rows):
+        if _is_number(row.get(metric)):
+            key = PaperKey(setting_label(row), row["eta"], paper_series(row), row.get("n_components"), row["steps"])
+            by_scale[key][row.get("gmm_scale")][_hashable(row.get("seed"))] = float(row[metric])
+    return {key: _best_scale(candidates, metric) for key, candidates in by_scale.items()}
+
+
+def _best_scale(candidates: dict[Any, dict[Any, float]], metric: str) -> Cell:
+    shared = set.intersection(*(set(by_seed) for by_seed in candidates.values()))
+    # with no seed common to every s there is no fair comparison: each s is taken on its own seeds
+    note = "" if shared else "no seed is common to every s: each s compared on its own seeds"
+    cells = []
+    for scale in sorted(candidates, key=_seed_order):
+        seeds = sorted(shared or candidates[scale], key=_seed_order)
+        values = [candidates[scale][s] for s in seeds]
+        cells.append(Cell(_mean(values), _std(values), scale, len(values), tuple(seeds), note))
+    best = best_value((c.mean for c in cells), metric)
+    return next(c for c in cells if c.mean == best)  # the smallest s among equals
+
+
+def paper_markdown(rows: list[dict[str, Any]], metric: str, fallback: str = "") -> str:
+    """One table per (guidance setting, eta): variants x steps, "mean ± std (s=best)" and n seeds,
+    the best of each column in bold; cells that lack a seed another cell has are marked."""
     cells = best_scale_cells(rows, metric)
-    seeds = max((c[3] for c in cells.values()), default=1)
+    seeds = max((c.n for c in cells.values()), default=1)
     spread = "mean ± std over seeds" if seeds > 1 else "one seed"
-    lines = [f"# {metric}, {better_direction(metric)} ({spread}; best scale s per cell, as the paper reports)", ""]
-    for setting in sorted({k[0] for k in cells}):
-        for eta in sorted({k[1] for k in cells if k[0] == setting}):
-            keys = [k for k in cells if k[0] == setting and k[1] == eta]
-            steps = sorted({k[4] for k in keys})
-            series = sorted({(k[2], k[3]) for k in keys}, key=lambda v: (_variant_key(v[0]), v[1] or 0))
-            best = {st: min(cells[k][0] for k in keys if k[4] == st) for st in steps}
-            lines += [
-                f"**{setting}, eta = {eta}**",
-                "",
-                "| sampler | " + " | ".join(f"{st} steps" for st in steps) + " |",
-            ]
-            lines.append("|---|" + "---|" * len(steps))
-            for variant, k in series:
-                name = variant if k is None else f"{variant} (K={k})"
-                row_cells = []
-                for st in steps:
-                    cell = cells.get((setting, eta, variant, k, st))
-                    row_cells.append("" if cell is None else _paper_cell(cell, cell[0] == best[st]))
-                lines.append(f"| {name} | " + " | ".join(row_cells) + " |")
-            lines.append("")
+    lines = [
+        f"# {metric}, {better_direction(metric)} ({spread}; best scale s per cell, as the paper reports, "
+        "chosen on the seeds every s of the cell has; n: seeds)",
+        "",
+    ]
+    if fallback:
+        lines += [fallback, ""]
+    order = {paper_series(r): (r.get("model") or "", _variant_key(r.get("variant") or "DDIM")) for r in rows}
+    for setting in sorted({k.setting for k in cells}):
+        for eta in sorted({k.eta for k in cells if k.setting == setting}):
+            table = {k: c for k, c in cells.items() if k.setting == setting and k.eta == eta}
+            lines += _paper_table(table, metric, order)
+    notes = duplicate_notes(rows)
+    lines += ["Repeated seeds (each counted once): " + "; ".join(notes), ""] if notes else []
     return "\n".join(lines)
 
 
-def _paper_cell(cell: tuple[float, float | None, Any, int], is_best: bool) -> str:
-    mean, std, scale, _ = cell
-    text = f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+def _paper_table(table: dict[PaperKey, Cell], metric: str, order: dict[str, tuple]) -> list[str]:
+    key0 = next(iter(table))
+    steps = sorted({k.steps for k in table})
+    series = sorted({(k.series, k.n_components) for k in table}, key=lambda v: (order.get(v[0], ()), v[0], v[1] or 0))
+    best = {st: best_value((c.mean for k, c in table.items() if k.steps == st), metric) for st in steps}
+    missing = missing_seeds({k: set(c.seeds) for k, c in table.items()})
+    flagged = set(missing) | {k for k, c in table.items() if c.note}
+    in_order = sorted(flagged, key=lambda k: (order.get(k.series, ()), k.series, k.n_components or 0, k.steps))
+    notes = [_cell_note(k, table[k], missing.get(k, set())) for k in in_order]
+    lines = [
+        f"**{key0.setting}, eta = {key0.eta}**",
+        "",
+        "| sampler | " + " | ".join(f"{st} steps | n" for st in steps) + " |",
+        "|---|" + "---|---|" * len(steps),
+    ]
+    for name, k in series:
+        row_cells = []
+        for st in steps:
+            key = PaperKey(key0.setting, key0.eta, name, k, st)
+            cell = table.get(key)
+            row_cells.append(" | " if cell is None else _paper_cell(cell, cell.mean == best[st], key in flagged))
+        lines.append(f"| {_series_name(name, k)} | " + " | ".join(row_cells) + " |")
+    return [*lines, "", *_footnote(notes)]
+
+
+def _cell_note(key: PaperKey, cell: Cell, missing: set) -> str:
+    why = ([f"seeds missing: {_seed_list(missing)}"] if missing else []) + ([cell.note] if cell.note else [])
+    return f"{_cell_name(key, cell)}: {'; '.join(why)}"
+
+
+def _series_name(name: str, k: int | None) -> str:
+    return name if k is None else f"{name} (K={k})"
+
+
+def _cell_name(key: PaperKey, cell: Cell) -> str:
+    scale = "" if cell.scale is None else f" (s={cell.scale:g})"
+    return f"{_series_name(key.series, key.n_components)} at {key.steps} steps{scale}"
+
+
+def _paper_cell(cell: Cell, is_best: bool, flagged: bool = False) -> str:
+    text = f"{cell.mean:.3f}" if cell.std is None else f"{cell.mean:.3f} ± {cell.std:.3f}"
     if is_best:
         text = f"**{text}**"
-    return text if scale is None else f"{text} (s={scale:g})"
+    text = text if cell.scale is None else f"{text} (s={cell.scale:g})"
+    return f"{text} | {cell.n}{MISSING_MARK if flagged else ''}"
 
 
 def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     """The paper's Fig. 1 layout: metric against steps, one panel per eta (one row per guidance
-    setting), one line per variant at its best s for each step count, std bars over seeds."""
+    setting), one line per variant at its best s for each step count, bars ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cells = best_scale_cells(rows, metric)
-    settings = sorted({k[0] for k in cells})
-    etas = sorted({k[1] for k in cells})
+    settings = sorted({k.setting for k in cells})
+    etas = sorted({k.eta for k in cells})
     fig, axes = plt.subplots(
-        len(settings), len(etas), figsize=(4 * len(etas), 3.4 * len(settings) + 0.8), squeeze=False
+        len(settings), len(etas), figsize=(4 * len(etas), 3.4 * len(settings) + 1.1), squeeze=False
     )
-    series = sorted({(k[2], k[3]) for k in cells}, key=lambda v: (_variant_key(v[0]), v[1] or 0))
-    markers = "osD^v<>pPX*h"
+    order = {paper_series(r): (r.get("model") or "", _variant_key(r.get("variant") or "DDIM")) for r in rows}
+    series = sorted({(k.series, k.n_components) for k in cells}, key=lambda v: (order.get(v[0], ()), v[0], v[1] or 0))
+    steps = sorted({key.steps for key in cells})
     for r, setting in enumerate(settings):
         for c, eta in enumerate(etas):
-            ax = axes[r][c]
-            for j, (variant, k) in enumerate(series):
-                points = sorted((key[4], cell) for key, cell in cells.items() if key[:4] == (setting, eta, variant, k))
-                if not points:
-                    continue
-                ax.errorbar(
-                    [p[0] for p in points],
-                    [p[1][0] for p in points],
-                    yerr=[p[1][1] or 0.0 for p in points],
-                    marker=markers[j % len(markers)],
-                    capsize=3,
-                    color=plt.cm.tab10(j % 10),
-                    label=variant if k is None else f"{variant} (K={k})",
-                )
-            ax.set_xscale("log")
-            steps = sorted({key[4] for key in cells})
-            ax.set_xticks(steps, [str(st) for st in steps])
-            ax.minorticks_off()
-            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-            ax.set_title(f"{setting}, eta = {eta}", fontsize=9)
-            ax.set_xlabel("steps")
-            ax.set_ylabel(f"{metric} (lower is better)")
-            ax.grid(alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+            _paper_panel(axes[r][c], cells, (setting, eta), series, steps, metric)
+    seeds = max((cell.n for cell in cells.values()), default=1)
+    spread = "mean ± std over seeds (bars)" if seeds > 1 else "one seed"
+    fig.suptitle(f"{metric}, best s per step count; {spread}", fontsize=10)
+    names = [_series_name(*s) for s in series]
+    _figure_legend(fig, axes.flat, names, loc="lower center", ncol=min(len(names), 4) or 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _paper_panel(
+    ax: Any, cells: dict[PaperKey, Cell], table: tuple, series: list[tuple], steps: list, metric: str
+) -> None:
+    import matplotlib.pyplot as plt
+
+    markers = "osD^v<>pPX*h"
+    for j, (name, k) in enumerate(series):
+        points = sorted((key.steps, cell) for key, cell in cells.items() if key[:4] == (*table, name, k))
+        if not points:
+            continue
+        ax.errorbar(
+            [p[0] for p in points],
+            [p[1].mean for p in points],
+            yerr=[p[1].std or 0.0 for p in points],
+            marker=markers[j % len(markers)],
+            capsize=3,
+            color=plt.cm.tab10(j % 10),
+            label=_series_name(name, k),
+        )
+    ax.set_xscale("log")
+    ax.set_xticks(steps, [str(st) for st in steps])
+    ax.minorticks_off()
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.set_title(f"{table[0]}, eta = {table[1]}", fontsize=9)
+    ax.set_xlabel("steps")
+    ax.set_ylabel(f"{metric} ({better_direction(metric)})")
+    ax.grid(alpha=0.3)
+
+
 class SummaryCallback(Callback):
-    """Hydra callback: at the end of every multirun, write the sweep's summary files."""
+    """Hydra callback: at the end of every multirun, write the sweep's summary files on the
+    primary metric ``summary.metric`` (null: the first FID-like one)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        written = write_summary(config.hydra.sweep.dir)
+        sweep_dir = config.hydra.sweep.dir
+        metric = OmegaConf.select(config, "summary.metric", default=None)  # older configs have no summary node
+        try:
+            written = write_summary(sweep_dir, metric=metric)
+        except ConfigError as err:  # the jobs' results are kept: say how to summarise them
+            log.error("no sweep summary: %s (python scripts/summarize.py %s --metric NAME)", err, sweep_dir)
+            return
         if written:
             log.info("sweep summary: %s", ", ".join(str(p) for p in written))
