@@ -20,7 +20,7 @@ from ddim_gmm_exp.data import read_prompts, resolve_labels
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.gmm import GMMHyperparameters
 from ddim_gmm_exp.samplers import FAMILIES, ddim_scheduler, option_names, timesteps_are_sound
-from ddim_gmm_exp.sampling import PREDICTION_TYPES
+from ddim_gmm_exp.sampling import PREDICTION_TYPES, X0_HANDLINGS
 
 SPACINGS = ("leading", "trailing", "linspace")
 FID_FEATURES = (None, "model", "inception")
@@ -93,6 +93,15 @@ def check_sampler(spec: RunSpec) -> None:
     if sampler.family == "diffusion" and sampler.timestep_spacing not in SPACINGS:
         raise ConfigError(
             f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not allowed: choose one of {SPACINGS}"
+        )
+    if sampler.family == "diffusion" and sampler.x0_handling not in X0_HANDLINGS:
+        raise ConfigError(
+            f"sampler.x0_handling={sampler.x0_handling!r} is not allowed: choose one of {', '.join(X0_HANDLINGS)}"
+        )
+    if sampler.family == "flow" and sampler.x0_handling is not None:
+        raise ConfigError(
+            f"sampler.x0_handling={sampler.x0_handling!r} is not used by sampler={sampler.name}: "
+            "the flow step clips nothing; leave it out"
         )
     if sampler.family == "flow" and sampler.timestep_spacing is not None:
         raise ConfigError(

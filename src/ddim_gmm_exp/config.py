@@ -44,6 +44,7 @@ class SamplerSpec:
     steps: Any
     timestep_spacing: str | None
     guidance_scale: Any
+    x0_handling: str | None  # sampling.X0_HANDLINGS for a DDIM-family sampler; None for flow samplers
     options: dict[str, Any]  # keyword options of the function (eta, ...), gmm excluded
     gmm: dict[str, Any] | None  # GMMHyperparameters fields but dim and n_steps; None: no GMM
     gmm_overrides: list[str] = field(default_factory=list)  # gmm.* overrides this sampler does not read
@@ -118,6 +119,7 @@ class RunSpec:
             "steps": self.sampler.steps,
             "timestep_spacing": self.sampler.timestep_spacing,
             "guidance_scale": self.sampler.guidance_scale,
+            "x0_handling": self.sampler.x0_handling,
             **self.sampler.options,
         }
         data = {k: v for k, v in vars(self.data).items() if k != "batch_size"}
@@ -260,6 +262,7 @@ def resolve_run(
             steps=sampler["steps"],
             timestep_spacing=sampler.get("timestep_spacing"),
             guidance_scale=sampler["guidance_scale"],
+            x0_handling=sampler.get("x0_handling"),
             options=options,
             gmm=plain(cfg.gmm) if "gmm" in takes else None,
             gmm_overrides=unread_gmm_overrides(cfg, overrides, uses_gmm="gmm" in takes),

@@ -228,9 +228,8 @@ def build_schedule(spec: RunSpec, adapter: ModelAdapter) -> Schedule:
     if spec.sampler.family == "flow":
         total = int(adapter.scheduler_config.get("num_train_timesteps", 1000))
         return FlowSchedule(sigmas=adapter.flow_sigmas(steps), num_train_timesteps=total)
-    return DiffusionSchedule.from_scheduler(
-        ddim_scheduler(adapter.scheduler_config, spec.sampler.timestep_spacing, steps)
-    )
+    scheduler = ddim_scheduler(adapter.scheduler_config, spec.sampler.timestep_spacing, steps)
+    return DiffusionSchedule.from_scheduler(scheduler, spec.sampler.x0_handling)
 
 
 def build_gmm(spec: RunSpec, adapter: ModelAdapter, num_steps: int) -> GMM | None:
@@ -384,6 +383,8 @@ def run_metadata(
         "steps": plan.schedule.num_steps,  # the steps that ran (checks refuse grids of another length)
         "eta": eta,
         "guidance_scale": spec.sampler.guidance_scale,
+        # what the steps did to x0_hat ("model" resolved against the model's scheduler config)
+        "x0_handling": getattr(plan.schedule, "x0_handling", None),
         "conditional": plan.labels is not None or plan.prompts is not None,
         "n_components": None,
         "gmm_scale": spec.sampler.options.get("scale"),  # the control's offset size (gmm.scale)

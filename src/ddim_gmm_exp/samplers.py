@@ -29,10 +29,17 @@ from ddim_gmm_exp.controls import IsotropicOffsetKernel
 from ddim_gmm_exp.flow import rfim_sigmas, sample_rfim
 from ddim_gmm_exp.gmm import GMM
 from ddim_gmm_exp.noise import Generators
-from ddim_gmm_exp.sampling import Denoiser, StepCallback, ddim_sigmas, sample_ddim, x0_options
+from ddim_gmm_exp.sampling import (
+    Denoiser,
+    StepCallback,
+    ddim_sigmas,
+    sample_ddim,
+    x0_handling_name,
+    x0_handling_options,
+)
 
 # Keys of a sampler config that the runner reads itself; every other key is a sampler option.
-RUN_KEYS = ("name", "function", "family", "steps", "timestep_spacing", "guidance_scale")
+RUN_KEYS = ("name", "function", "family", "steps", "timestep_spacing", "guidance_scale", "x0_handling")
 FAMILIES = ("diffusion", "flow")
 
 
@@ -55,16 +62,22 @@ class DiffusionSchedule:
         return len(self.timesteps)
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any) -> DiffusionSchedule:
+    def from_scheduler(cls, scheduler: Any, x0_handling: str = "model") -> DiffusionSchedule:
         """The schedule of a diffusers DDIMScheduler after set_timesteps: its timesteps, alpha-bars,
-        prediction type and x0 clipping / thresholding settings."""
+        prediction type, and the x0 handling (sampling.X0_HANDLINGS; "model": the scheduler
+        config's clipping / thresholding, eps kept, as diffusers' step does by default)."""
         return cls(
             timesteps=scheduler.timesteps.tolist(),
             alphas_cumprod=scheduler.alphas_cumprod,
             final_abar=scheduler.final_alpha_cumprod,
             prediction_type=scheduler.config.prediction_type,
-            step_options=x0_options(scheduler.config),
+            step_options=x0_handling_options(x0_handling, scheduler.config),
         )
+
+    @property
+    def x0_handling(self) -> str:
+        """What the steps do to x0_hat: none, clip, clip_consistent, threshold (or threshold_eps_kept)."""
+        return x0_handling_name(self.step_options)
 
 
 @dataclass(frozen=True)

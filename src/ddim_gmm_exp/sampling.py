@@ -102,6 +102,41 @@ def x0_options(config: Any) -> dict[str, Any]:
     return {k: config[k] for k in X0_OPTIONS}
 
 
+# What the step does to x0_hat before the mean is formed (METHOD.md, "x0 handling"):
+#   model            the scheduler config's clip_sample / thresholding, eps kept (diffusers' default step)
+#   none             nothing (CompVis's DDIM)
+#   clip             x0_hat clamped to [-r, r], eps_hat kept (diffusers' clip_sample=True): under
+#                    guidance the pair no longer matches and long runs drift to the wrong class
+#   clip_consistent  clamped, then eps_hat re-derived from it (ADM/GLIDE's DDIM; diffusers'
+#                    use_clipped_model_output=True)
+#   threshold        dynamic thresholding (Imagen), then eps_hat re-derived from it
+X0_HANDLINGS = ("model", "none", "clip", "clip_consistent", "threshold")
+
+
+def x0_handling_options(handling: str, config: Any) -> dict[str, Any]:
+    """ddim_step's x0 options for a named handling; ranges and ratios from the scheduler config."""
+    if handling not in X0_HANDLINGS:
+        raise ValueError(f"x0_handling={handling!r} is not allowed: choose one of {', '.join(X0_HANDLINGS)}")
+    options = x0_options(config) | {"use_clipped_model_output": False}
+    if handling == "model":
+        return options
+    return options | {
+        "clip_sample": handling in ("clip", "clip_consistent"),
+        "thresholding": handling == "threshold",
+        "use_clipped_model_output": handling in ("clip_consistent", "threshold"),
+    }
+
+
+def x0_handling_name(options: dict[str, Any]) -> str:
+    """The handling that ddim_step's x0 options amount to (what a 'model' run really did)."""
+    consistent = options.get("use_clipped_model_output", False)
+    if options.get("thresholding"):
+        return "threshold" if consistent else "threshold_eps_kept"
+    if options.get("clip_sample"):
+        return "clip_consistent" if consistent else "clip"
+    return "none"
+
+
 def ddim_step(
     model_output: torch.Tensor,
     x_t: torch.Tensor,
