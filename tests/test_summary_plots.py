@@ -80,3 +80,16 @@ def test_summary_png_legend_names_every_series_and_says_its_bars_are_min_max(tmp
     titles = [ax.get_title() for ax in figure.axes if ax.lines]
     assert titles and all("bars min-max over seeds" in title for title in titles)
     assert any("higher is better" in title for title in titles)
+
+
+def test_a_sweep_of_one_step_count_plots_one_row_per_series(tmp_path, saved):
+    """summary.png of one step count: each series on its own row at its mean (it was a column of
+    dots at x = steps)."""
+    for num, (variant, fid) in enumerate([("DDIM", 30.0), ("ORTHO", 20.0), ("RAND", 25.0)]):
+        write_job(tmp_path, str(num), variant, 0.0, 0, {"fid_digits": fid, "classifier_accuracy": 0.9 + num / 100})
+    write_summary(tmp_path)
+    ax = saved["summary.png"].axes[0]
+    markers = [line for line in ax.get_lines() if line.get_marker() not in ("|", "_", "None", None)]  # not caps
+    points = sorted((line.get_ydata()[0], line.get_xdata()[0]) for line in markers)
+    assert [x for _, x in points] == [30.0, 20.0, 25.0] and [y for y, _ in points] == [0, 1, 2]
+    assert ax.get_xlabel() == "fid_digits" and "at 5 steps" in ax.get_title()

@@ -64,7 +64,7 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
     checks.check_run(spec, in_multirun=spec.output.sweep_group is not None)
     original = earlier_job(spec, "duplicate_of")
     if original is not None:
-        return skip_as_duplicate(spec.output.output_dir, original)
+        return skip_as_duplicate(spec, original)
     todo, done = checks.indices_to_sample(spec)
     log.info("output dir: %s", spec.output.output_dir)
 
@@ -155,9 +155,12 @@ def earlier_job(spec: RunSpec, key: str) -> Path | None:
     return Path(original["dir"]) if original is not None else None
 
 
-def skip_as_duplicate(output_dir: Path, original: Path) -> dict[str, Any]:
+def skip_as_duplicate(spec: RunSpec, original: Path) -> dict[str, Any]:
     """Record why this job did not run, and return the original job's results (once it has them)."""
     reason = f"same samples and metric settings as job {original.name}"
+    if spec.sampler.gmm_overrides:
+        reason += f": gmm.* does not apply to sampler={spec.sampler.name}, which uses no GMM"
+    output_dir = spec.output.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "skipped.json").write_text(json.dumps({"skipped": reason, "same_as": str(original)}, indent=2))
     log.warning("skipped: %s", reason)

@@ -546,6 +546,10 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
 
 
 def _summary_panel(ax: Any, rows: list[dict[str, Any]], metric: str, style: dict[str, dict], seeds: int) -> None:
+    steps = sorted({r["steps"] for r in rows if isinstance(r.get("steps"), int)})
+    if len(steps) == 1:  # against steps it would be one column of dots: one row per series instead
+        _single_step_panel(ax, rows, metric, style, seeds, steps[0])
+        return
     values = []
     for label, points in aggregate(rows, metric).items():
         # clamped: the mean of equal values can round a hair past them
@@ -556,12 +560,29 @@ def _summary_panel(ax: Any, rows: list[dict[str, Any]], metric: str, style: dict
         ax.set_yscale("log")
     else:
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-    steps = sorted({r["steps"] for r in rows if isinstance(r.get("steps"), int)})
     ax.set_xticks(steps, [str(st) for st in steps])
     ax.set_xlabel("steps")
     ax.set_ylabel(metric)
     spread = f"mean over {seeds} seeds, bars min-max over seeds" if seeds > 1 else "one seed"
     ax.set_title(f"{metric} ({better_direction(metric)})\n{spread}", fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def _single_step_panel(
+    ax: Any, rows: list[dict[str, Any]], metric: str, style: dict[str, dict], seeds: int, steps: int
+) -> None:
+    """A sweep of one step count: the metric along x, one row per series (in the legend's style)."""
+    for y, (label, points) in enumerate(sorted(aggregate(rows, metric).items())):
+        _, mean, low, high, _ = points[0]
+        errors = [[max(mean - low, 0.0)], [max(high - mean, 0.0)]]
+        ax.errorbar([mean], [y], xerr=errors, capsize=3, label=label, **(style[label] | {"linestyle": "none"}))
+    ax.set_yticks([])
+    ax.margins(y=0.25)
+    ax.invert_yaxis()  # the first series on top, as in the legend
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    ax.set_xlabel(metric)
+    spread = f"mean over {seeds} seeds, bars min-max over seeds" if seeds > 1 else "one seed"
+    ax.set_title(f"{metric} ({better_direction(metric)}) at {steps} steps\n{spread}", fontsize=9)
     ax.grid(alpha=0.3)
 
 
