@@ -6,7 +6,9 @@
     # from a model family's own real images, in its own features (what the runner caches)
     python scripts/fid_stats.py --model toy --n 10000 --out refs/toy.npz
 
-Images are read as uint8, RGB (grayscale files: one channel), and must all have one size.
+Images are read as uint8, RGB (grayscale files: one channel), and must all have one size. At
+least 2 images are needed, and more than the feature dimension for a non-singular covariance
+(a warning says when it is singular); statistics that are not finite are refused, not written.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import sys
 from pathlib import Path
 
 from ddim_gmm_exp.errors import ConfigError
-from ddim_gmm_exp.metrics import PixelFeatures, image_folder_batches, save_reference, statistics_of
+from ddim_gmm_exp.metrics import (
+    PixelFeatures,
+    check_reference,
+    feature_dim,
+    image_folder_batches,
+    save_reference,
+    statistics_of,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             batches = list(image_folder_batches(args.images))
             dim = batches[0][0].numel()
             extractor = 2048 if args.features == "inception" else PixelFeatures(dim)
+        # fewer than 2 images or non-finite features are refused here, before anything is written
         mu, sigma = statistics_of(extractor, batches, args.weights_path)
+        check_reference(mu, sigma, feature_dim(extractor), f"for {args.out}")  # warns if singular
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

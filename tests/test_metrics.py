@@ -158,3 +158,17 @@ def test_fid_stats_script_from_an_image_folder(tmp_path):
         assert np.allclose(ref["mu"], features.mean(0)) and np.allclose(ref["sigma"], np.cov(features, rowvar=False))
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_fid_stats_script_refuses_too_few_images(tmp_path):
+    """One image has no covariance: refused with one line, and no file of NaN statistics written."""
+    import subprocess
+    import sys
+
+    from helpers.runs import ROOT
+
+    out = tmp_path / "ref.npz"
+    cmd = [sys.executable, str(ROOT / "scripts" / "fid_stats.py"), "--model", "toy", "--n", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and "error: reference statistics need at least 2 images" in proc.stderr
+    assert not out.exists()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers.runs import ROOT, pngs, results_of, run_cli
+from helpers.runs import ROOT, SMALL, pngs, results_of, run_cli
 
 
 def test_resume_after_a_killed_run(tmp_path, cache_dir):
@@ -56,6 +57,10 @@ def test_resume_after_a_killed_run(tmp_path, cache_dir):
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert pngs(killed_dir) == pngs(whole_dir)
     assert results["metrics"]["fid"] == pytest.approx(results_of(whole_dir)["metrics"]["fid"], rel=1e-6)
+    # the variance account covers the samples of the killed run too (kept per sample on disk)
+    account, whole_account = results["variance_account"], results_of(whole_dir)["variance_account"]
+    assert account["num_samples"] == whole_account["num_samples"] == 3000
+    assert account["injected_per_dim"] == pytest.approx(whole_account["injected_per_dim"], rel=1e-9)
 
 
 def test_resume_with_fewer_samples_left_than_ranks(tmp_path, cache_dir):
@@ -66,3 +71,46 @@ def test_resume_with_fewer_samples_left_than_ranks(tmp_path, cache_dir):
     proc = run_cli([*args, "resume=true", "trainer=ddp_sim"])
     assert proc.returncode == 2 and "only 1 samples are left to resume, fewer than the 2 ranks" in proc.stderr
     assert run_cli([*args, "resume=true"]).returncode == 0 and (run_dir / "samples" / "000002.png").is_file()
+
+
+def test_a_resumed_run_scores_and_accounts_for_the_whole_run(tmp_path, cache_dir):
+    """The Inception Score (seeded groups of features in index order) and the variance account
+    (kept per sample on disk) of a resumed run are those of the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    inception_score = "+metrics.extra.is.factory"  # scored in a stand-in classifier's logits (no Inception offline)
+    args = [
+        *SMALL,
+        "logger=none",
+        "sampler.eta=0.5",
+        f"{inception_score}._target_=ddim_gmm_exp.metrics.inception_score_extra",
+        f"{inception_score}.logits._target_=ddim_gmm_exp.metrics.PixelFeatures",
+        f"{inception_score}.logits.num_features=192",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = run_cli(args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    whole = results_of(run_dir)
+    for i in range(10, 30):  # lost in the middle: the resumed run scores 0-9, 30-99, then 10-29
+        (run_dir / "samples" / f"{i:06d}.png").unlink()
+    resumed = run_cli([*args, "resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    results = results_of(run_dir)
+    assert results["sampled_this_run"] == 20
+    assert results["metrics"]["is"] == pytest.approx(whole["metrics"]["is"], rel=1e-9)
+    assert results["metrics"]["is_std"] == pytest.approx(whole["metrics"]["is_std"], rel=1e-9)
+    account, whole_account = results["variance_account"], whole["variance_account"]
+    assert account["num_samples"] == whole_account["num_samples"] == 100
+    assert account["injected_per_dim"] == pytest.approx(whole_account["injected_per_dim"], rel=1e-9)
+    assert [s["mean_sq_distance"] for s in account["steps"]] == pytest.approx(
+        [s["mean_sq_distance"] for s in whole_account["steps"]], rel=1e-9
+    )
+
+    # a run made before per-sample records were kept: the account says how many samples it covers
+    shutil.rmtree(run_dir / "samples" / "variance_account")
+    for i in range(50, 60):
+        (run_dir / "samples" / f"{i:06d}.png").unlink()
+    old = run_cli([*args, "resume=true"])
+    assert old.returncode == 0, old.stderr[-2000:]
+    assert results_of(run_dir)["variance_account"]["num_samples"] == 10
+    assert "variance account: it covers 10 of the run's 100 samples" in old.stdout + old.stderr

@@ -15,8 +15,13 @@ sigma^2 D, from the samples' own steps.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ddim_gmm_exp.noise import Generators, randn
@@ -75,18 +80,23 @@ class IsotropicOffsetKernel:
 @dataclass
 class VarianceAccount:
     """Per step, the sum over samples of ||x_s - m||^2 and the count, and sigma: what each sampler
-    injects beyond its deterministic mean, measured on the samples' own steps."""
+    injects beyond its deterministic mean, measured on the samples' own steps. With ``per_sample``
+    a dict (an account of one batch), it also keeps each sample's distances of each step, which
+    save_sample_account writes to the run directory."""
 
     dim: int
     sum_sq: dict[int, float] = field(default_factory=dict)
     count: dict[int, int] = field(default_factory=dict)
     sigma: dict[int, float] = field(default_factory=dict)
+    per_sample: dict[int, torch.Tensor] | None = None
 
     def on_mean(self, step_index: int, x_s: torch.Tensor, mean: torch.Tensor, sigma: float) -> None:
         """Called by the sampling loop with each step's output and mean."""
-        # kept on the device (no sync per step); read out once, in summary()
-        distance = (x_s.double() - mean.double()).flatten(1).pow(2).sum()
-        self.sum_sq[step_index] = self.sum_sq.get(step_index, 0.0) + distance
+        # kept on the device (no sync per step); read out once, in summary() or per batch
+        distance = (x_s.double() - mean.double()).flatten(1).pow(2).sum(1)
+        if self.per_sample is not None:
+            self.per_sample[step_index] = distance
+        self.sum_sq[step_index] = self.sum_sq.get(step_index, 0.0) + distance.sum()
         self.count[step_index] = self.count.get(step_index, 0) + x_s.shape[0]
         self.sigma[step_index] = float(sigma)
 
@@ -108,14 +118,15 @@ class VarianceAccount:
         return total
 
     def summary(self) -> dict[str, object]:
-        """Per step E||x_s - m||^2 and sigma^2 D; over steps, both per coordinate (/ D)."""
+        """Per step E||x_s - m||^2 and sigma^2 D; over steps, both per coordinate (/ D); and the
+        number of samples the account covers."""
         steps = sorted(self.sum_sq)
         if not steps:
             return {}
         per_step = [
             {
                 "step": i,
-                "mean_sq_distance": self.sum_sq[i] / self.count[i],
+                "mean_sq_distance": float(self.sum_sq[i]) / self.count[i],
                 "sigma_sq_times_d": self.sigma[i] ** 2 * self.dim,
             }
             for i in steps
@@ -123,8 +134,58 @@ class VarianceAccount:
         injected = sum(p["mean_sq_distance"] for p in per_step) / len(per_step) / self.dim
         gaussian = sum(p["sigma_sq_times_d"] for p in per_step) / len(per_step) / self.dim
         return {
+            "num_samples": min(self.count.values()),
             "injected_per_dim": injected,
             "ddim_variance_per_dim": gaussian,
             "extra_per_dim": injected - gaussian,
             "steps": per_step,
         }
+
+
+# A run keeps its account per sample on disk (one small .npz per batch, in the samples folder), so
+# that a resumed run's account covers the samples of the runs before it, as its metrics do.
+ACCOUNT_DIR = "variance_account"
+
+
+def save_sample_account(account: VarianceAccount, indices: Sequence[int], directory: Path) -> None:
+    """One batch's per-sample distances (from an account with ``per_sample``), keyed by the
+    samples' global indices; written to a temporary name and renamed (a killed run leaves no half
+    file)."""
+    steps = sorted(account.per_sample or {})
+    if not steps:
+        return
+    indices = np.asarray(indices, dtype=np.int64)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{indices[0]:06d}-{indices[-1]:06d}-{len(indices)}.npz"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.stem}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as file:
+        np.savez(
+            file,
+            indices=indices,
+            steps=np.asarray(steps, dtype=np.int64),
+            sigma=np.asarray([account.sigma[i] for i in steps]),
+            sq_distance=torch.stack([account.per_sample[i] for i in steps], dim=1).cpu().numpy(),
+        )
+    os.replace(tmp, path)
+
+
+def load_sample_account(directory: Path, indices: Iterable[int], dim: int) -> VarianceAccount:
+    """The account of these samples from the batch files under directory, each sample counted
+    once. Samples without a record (sampled by a version that kept none) are left out: the
+    summary's ``num_samples`` says how many it covers."""
+    wanted = np.fromiter(indices, dtype=np.int64)
+    account = VarianceAccount(dim)
+    for path in sorted(directory.glob("*.npz")) if directory.is_dir() else []:
+        with np.load(path) as data:
+            rows = np.isin(data["indices"], wanted)  # each wanted index from the first file holding it
+            if not rows.any():
+                continue
+            wanted = np.setdiff1d(wanted, data["indices"][rows])
+            batch = VarianceAccount(
+                dim,
+                dict(zip(data["steps"].tolist(), data["sq_distance"][rows].sum(0).tolist(), strict=True)),
+                {i: int(rows.sum()) for i in data["steps"].tolist()},
+                dict(zip(data["steps"].tolist(), data["sigma"].tolist(), strict=True)),
+            )
+        account = account.merged(batch)
+    return account

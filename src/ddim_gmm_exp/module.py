@@ -8,6 +8,7 @@ predict, so nothing here uses it.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from ddim_gmm_exp.controls import VarianceAccount
+from ddim_gmm_exp.controls import ACCOUNT_DIR, VarianceAccount, load_sample_account, save_sample_account
 from ddim_gmm_exp.data import labels_of, prompts_of, sample_seeds
 from ddim_gmm_exp.gmm import GMM
 from ddim_gmm_exp.images import load_png, png_path, save_png, to_uint8
@@ -25,6 +26,8 @@ from ddim_gmm_exp.models.base import ModelAdapter
 from ddim_gmm_exp.noise import randn, sample_generators
 from ddim_gmm_exp.samplers import Sampler, Schedule
 from ddim_gmm_exp.sampling import classifier_free_guidance
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,8 +80,9 @@ class SamplingModule(L.LightningModule):
         self.metrics.reset_and_load_reference(self.global_rank)
         self._seconds, self._count, self._batches, self.first_images = 0.0, 0, 0, []
         self.account = VarianceAccount(self.adapter.dim)
-        if self.global_rank == 0:
+        if self.global_rank == 0:  # rank 0 alone holds what earlier runs sampled (all ranks' sum)
             self._score_resumed_images()
+            self.account = self._resumed_account()
 
     def _score_resumed_images(self) -> None:
         """Indices sampled by an earlier, interrupted run: their metric features from their PNGs."""
@@ -86,8 +90,21 @@ class SamplingModule(L.LightningModule):
         for start in range(0, len(resumed), 256):
             chunk = torch.tensor(resumed[start : start + 256])
             images = torch.stack([load_png(png_path(self.plan.sample_dir, int(i))) for i in chunk]).to(self.device)
-            self.metrics.update(images, labels_of(chunk, self.plan.labels), prompts_of(chunk, self.plan.prompts))
+            self.metrics.update(
+                images, labels_of(chunk, self.plan.labels), prompts_of(chunk, self.plan.prompts), indices=chunk
+            )
             self._keep_for_grid(chunk, images)
+
+    @property
+    def account_dir(self) -> Path | None:
+        return None if self.plan.sample_dir is None else Path(self.plan.sample_dir) / ACCOUNT_DIR
+
+    def _resumed_account(self) -> VarianceAccount:
+        """The variance account of the samples an earlier, interrupted run made, from its records."""
+        resumed = self.plan.resumed_indices
+        if not resumed or self.account_dir is None:
+            return VarianceAccount(self.adapter.dim)
+        return load_sample_account(self.account_dir, resumed, self.adapter.dim)
 
     def _keep_for_grid(self, indices: torch.Tensor, images: torch.Tensor) -> None:
         for i, image in zip(indices.tolist(), images, strict=True):
@@ -95,8 +112,9 @@ class SamplingModule(L.LightningModule):
                 self.first_images.append((i, image.cpu()))
 
     @torch.no_grad()
-    def sample(self, indices: torch.Tensor) -> torch.Tensor:
-        """The samples (B, *sample_shape) of these global indices, independent of the batch."""
+    def sample(self, indices: torch.Tensor, account: VarianceAccount | None = None) -> torch.Tensor:
+        """The samples (B, *sample_shape) of these global indices, independent of the batch; what
+        the sampler injects goes into account (default: the run's)."""
         plan, adapter = self.plan, self.adapter
         generators = sample_generators(sample_seeds(indices, plan.base_seed))  # CPU: device-independent
         x = randn((len(indices), *adapter.sample_shape), generators, device=self.device)
@@ -110,22 +128,34 @@ class SamplingModule(L.LightningModule):
 
         kernel = {"gmm": self._gmm_on_device} if plan.gmm is not None else {}
         return plan.sampler(
-            denoise, x, plan.schedule, generator=generators, callback=self.account, **plan.options, **kernel
+            denoise,
+            x,
+            plan.schedule,
+            generator=generators,
+            callback=self.account if account is None else account,
+            **plan.options,
+            **kernel,
         )
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         indices = batch.cpu()
         start = time.perf_counter()
-        samples = self.sample(indices)
+        batch_account = VarianceAccount(self.adapter.dim, per_sample={})
+        samples = self.sample(indices, batch_account)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._seconds += time.perf_counter() - start
         self._count += len(indices)
         self._batches += 1
         images = to_uint8(self.adapter.decode(samples))
-        self.metrics.update(images, labels_of(indices, self.plan.labels), prompts_of(indices, self.plan.prompts))
+        self.account = self.account.merged(batch_account)
+        self.metrics.update(
+            images, labels_of(indices, self.plan.labels), prompts_of(indices, self.plan.prompts), indices=indices
+        )
         self._keep_for_grid(indices, images)
         if self.plan.sample_dir is not None:
+            # before the PNGs: every sample on disk has its record when a later run resumes this one
+            save_sample_account(batch_account, indices.tolist(), self.account_dir)
             for i, image in zip(indices.tolist(), images, strict=True):
                 save_png(image, png_path(self.plan.sample_dir, i))
 
@@ -141,14 +171,16 @@ class SamplingModule(L.LightningModule):
         total = accounts[0]
         for other in accounts[1:]:
             total = total.merged(other)
-        stats["variance_account"] = total.summary()
+        stats["variance_account"] = account_summary(total, int(count) + len(self.plan.resumed_indices))
         self.finish(metrics, stats, gather_objects(self.first_images, self.trainer.world_size))
 
     def score_without_sampling(self) -> None:
         """Every sample is already on disk (a resumed run that was killed after its last PNG)."""
         self.metrics.reset_and_load_reference(0)
         self._score_resumed_images()
-        self.finish(self.metrics.compute(), self.run_stats(0, 0.0, 1, "none"), [self.first_images])
+        account = account_summary(self._resumed_account(), len(self.plan.resumed_indices))
+        stats = self.run_stats(0, 0.0, 1, "none") | {"variance_account": account}
+        self.finish(self.metrics.compute(), stats, [self.first_images])
 
     def run_stats(self, count: int, seconds: float, world_size: int, accelerator: str) -> dict[str, Any]:
         """What this run sampled, how fast, on what (seconds per step from this rank's timings)."""
@@ -166,6 +198,20 @@ class SamplingModule(L.LightningModule):
         writes them out on rank 0)."""
         self.results, self.stats = metrics, stats
         self.grid = [img for _, img in sorted((p for part in grid_parts for p in part), key=lambda p: p[0])][:64]
+
+
+def account_summary(account: VarianceAccount, num_samples: int) -> dict[str, Any]:
+    """The account's summary, with a warning where it covers fewer than the run's num_samples (a
+    resumed run whose earlier samples were made by a version that kept no per-sample records)."""
+    summary = account.summary()
+    if summary and summary["num_samples"] < num_samples:
+        log.warning(
+            "variance account: it covers %d of the run's %d samples (those sampled before the resume have no "
+            "record); results.json's variance_account.num_samples says so",
+            summary["num_samples"],
+            num_samples,
+        )
+    return summary
 
 
 def gather_objects(obj: Any, world_size: int) -> list[Any]:
