@@ -541,7 +541,7 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
     bottom = (0.17 * legend_rows + 0.3) / fig.get_figheight()  # room for the legend, right under the panels
     fig.tight_layout(rect=(0, bottom, 1, 1))
     _figure_legend(fig, axes.flat, labels, loc="upper center", bbox_to_anchor=(0.5, bottom), ncol=2, fontsize=8)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -758,6 +758,13 @@ def _paper_cell(cell: Cell, is_best: bool, flagged: bool = False) -> str:
     return f"{text} | {cell.n}{MISSING_MARK if flagged else ''}"
 
 
+def legend_columns(names: list[str], width_inches: float) -> int:
+    """How many legend columns of these names fit across a figure this wide (8 pt text: about
+    0.075 inch a character, plus the marker and the gap)."""
+    longest = max((len(n) for n in names), default=1)
+    return max(1, min(len(names), 4, int(width_inches / (0.075 * longest + 0.6))))
+
+
 def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     """The paper's Fig. 1 layout: metric against steps, one panel per eta (one row per guidance
     setting), one line per variant at its best s for each step count, bars ± std over seeds."""
@@ -769,22 +776,26 @@ def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     cells = best_scale_cells(rows, metric)
     settings = sorted({k.setting for k in cells})
     etas = sorted({k.eta for k in cells})
-    fig, axes = plt.subplots(
-        len(settings), len(etas), figsize=(4 * len(etas), 3.4 * len(settings) + 1.1), squeeze=False
-    )
     order = {paper_series(r): (r.get("model") or "", _variant_key(r.get("variant") or "DDIM")) for r in rows}
     series = sorted({(k.series, k.n_components) for k in cells}, key=lambda v: (order.get(v[0], ()), v[0], v[1] or 0))
     steps = sorted({key.steps for key in cells})
+    names = [_series_name(*s) for s in series]
+    width = 4 * len(etas)
+    ncol = legend_columns(names, width)
+    legend_height = 0.2 * math.ceil(len(names) / ncol) + 0.3
+    fig, axes = plt.subplots(
+        len(settings), len(etas), figsize=(width, 3.4 * len(settings) + 0.8 + legend_height), squeeze=False
+    )
     for r, setting in enumerate(settings):
         for c, eta in enumerate(etas):
             _paper_panel(axes[r][c], cells, (setting, eta), series, steps, metric)
     seeds = max((cell.n for cell in cells.values()), default=1)
     spread = "mean ± std over seeds (bars)" if seeds > 1 else "one seed"
     fig.suptitle(f"{metric}, best s per step count; {spread}", fontsize=10)
-    names = [_series_name(*s) for s in series]
-    _figure_legend(fig, axes.flat, names, loc="lower center", ncol=min(len(names), 4) or 1, fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
+    bottom = legend_height / fig.get_figheight()  # room for the legend, right under the panels
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    _figure_legend(fig, axes.flat, names, loc="upper center", bbox_to_anchor=(0.5, bottom), ncol=ncol, fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long names: grow the canvas rather than cut them
     plt.close(fig)
 
 
