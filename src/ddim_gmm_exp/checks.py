@@ -14,12 +14,20 @@ from typing import Any
 
 import torch
 
+from ddim_gmm_exp.baselines import check_scheduler_options
 from ddim_gmm_exp.config import RunSpec
 from ddim_gmm_exp.controls import IsotropicOffsetKernel
 from ddim_gmm_exp.data import read_prompts, resolve_labels
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.gmm import GMMHyperparameters
-from ddim_gmm_exp.samplers import FAMILIES, ddim_scheduler, option_names, timesteps_are_sound
+from ddim_gmm_exp.samplers import (
+    FAMILIES,
+    ddim_scheduler,
+    has_own_time_grid,
+    option_names,
+    timesteps_are_sound,
+    uses_spacing,
+)
 from ddim_gmm_exp.sampling import PREDICTION_TYPES, X0_HANDLINGS
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -90,11 +98,23 @@ def check_sampler(spec: RunSpec) -> None:
             f"sampler={sampler.name} walks a {sampler.family} schedule but model={model.name} is a "
             f"{model.family} model: use {hint}"
         )
-    if sampler.family == "diffusion" and sampler.timestep_spacing not in SPACINGS:
+    sigma_grid = sampler.family == "diffusion" and not uses_spacing(sampler.function)
+    if sigma_grid and sampler.timestep_spacing is not None:
+        raise ConfigError(
+            f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not used by sampler={sampler.name}: "
+            "it walks its own sigma grid; leave it null"
+        )
+    if sampler.family == "diffusion" and not sigma_grid and sampler.timestep_spacing not in SPACINGS:
         raise ConfigError(
             f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not allowed: choose one of {SPACINGS}"
         )
-    if sampler.family == "diffusion" and sampler.x0_handling not in X0_HANDLINGS:
+    own_grid = has_own_time_grid(sampler.function)
+    if own_grid and sampler.x0_handling is not None:
+        raise ConfigError(
+            f"sampler.x0_handling={sampler.x0_handling!r} is not used by sampler={sampler.name}: it steps "
+            "with its scheduler's own rules (the model's scheduler config); leave it out"
+        )
+    if sampler.family == "diffusion" and not own_grid and sampler.x0_handling not in X0_HANDLINGS:
         raise ConfigError(
             f"sampler.x0_handling={sampler.x0_handling!r} is not allowed: choose one of {', '.join(X0_HANDLINGS)}"
         )
@@ -115,6 +135,13 @@ def check_sampler(spec: RunSpec) -> None:
                 f"sampler.{name}={value!r} is not an option of sampler={sampler.name}: "
                 f"its options are {', '.join(allowed) or 'none'}"
             )
+    if "scheduler" in allowed:
+        try:
+            check_scheduler_options(
+                sampler.options.get("scheduler", "DDPMScheduler"), sampler.options.get("scheduler_options")
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
 
 def option_key(spec: RunSpec, option: str) -> str:
@@ -285,7 +312,7 @@ def check_model_fit(spec: RunSpec, adapter: Any) -> None:
             f"sampler.steps={sampler.steps} is not allowed: the model was trained with {total} "
             f"timesteps, so steps must lie in [1, {total}]"
         )
-    if sampler.family == "diffusion":
+    if sampler.family == "diffusion" and sampler.timestep_spacing is not None:
         check_timesteps(spec, adapter.scheduler_config, total)
     if sampler.uses_gmm:
         try:

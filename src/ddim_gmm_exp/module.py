@@ -67,6 +67,7 @@ class SamplingModule(L.LightningModule):
         self.stats: dict[str, Any] = {}
         self.grid: list[torch.Tensor] = []
         self._gmm_on_device: GMM | None = None
+        self.nfe: int | None = None  # model evaluations per sample of the last batch (sample())
         self.account = VarianceAccount(adapter.dim)  # what the sampler injects, from its own steps
         self._seconds = 0.0
         self._count = 0
@@ -123,11 +124,15 @@ class SamplingModule(L.LightningModule):
         cond = adapter.encode_condition(labels, prompts, self.device)
         uncond = adapter.null_condition(cond) if cond is not None and plan.guidance_scale != 1.0 else None
 
+        calls = 0
+
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
             return classifier_free_guidance(adapter.model_output, x, t, cond, uncond, plan.guidance_scale)
 
         kernel = {"gmm": self._gmm_on_device} if plan.gmm is not None else {}
-        return plan.sampler(
+        samples = plan.sampler(
             denoise,
             x,
             plan.schedule,
@@ -136,6 +141,10 @@ class SamplingModule(L.LightningModule):
             **plan.options,
             **kernel,
         )
+        # NFE per sample, counted at the denoiser: a guided call evaluates the model twice
+        guided = uncond is not None and plan.guidance_scale != 1.0
+        self.nfe = calls * (2 if guided else 1)
+        return samples
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         indices = batch.cpu()
@@ -177,6 +186,10 @@ class SamplingModule(L.LightningModule):
     def score_without_sampling(self) -> None:
         """Every sample is already on disk (a resumed run that was killed after its last PNG)."""
         self.metrics.reset_and_load_reference(0)
+        self.adapter.eval()
+        if self.plan.gmm is not None:
+            self._gmm_on_device = self.plan.gmm.to(self.device)
+        self.sample(torch.tensor(self.plan.resumed_indices[:1]), VarianceAccount(self.adapter.dim))  # counts its NFE
         self._score_resumed_images()
         account = account_summary(self._resumed_account(), len(self.plan.resumed_indices))
         stats = self.run_stats(0, 0.0, 1, "none") | {"variance_account": account}
@@ -189,6 +202,7 @@ class SamplingModule(L.LightningModule):
             "sampling_seconds": seconds,
             "images_per_second": count / seconds if seconds else None,
             "seconds_per_step": self._seconds / max(1, self._batches * self.plan.schedule.num_steps),
+            "nfe": self.nfe,  # model evaluations per sample, counted (guidance: 2 per call)
             "devices": world_size,
             "accelerator": accelerator,
         }

@@ -41,7 +41,14 @@ from ddim_gmm_exp.metrics import (
 )
 from ddim_gmm_exp.models.base import ModelAdapter
 from ddim_gmm_exp.module import SamplingModule, SamplingPlan
-from ddim_gmm_exp.samplers import DiffusionSchedule, FlowSchedule, Schedule, ddim_scheduler, kernel_sigmas
+from ddim_gmm_exp.samplers import (
+    DiffusionSchedule,
+    FlowSchedule,
+    Schedule,
+    ddim_scheduler,
+    has_own_time_grid,
+    kernel_sigmas,
+)
 from ddim_gmm_exp.sampling import warn_if_gmm_is_inert
 from ddim_gmm_exp.sweeper import planned_job
 
@@ -230,9 +237,14 @@ def build_schedule(spec: RunSpec, adapter: ModelAdapter) -> Schedule:
     steps = spec.sampler.steps
     if spec.sampler.family == "flow":
         total = int(adapter.scheduler_config.get("num_train_timesteps", 1000))
-        return FlowSchedule(sigmas=adapter.flow_sigmas(steps), num_train_timesteps=total)
-    scheduler = ddim_scheduler(adapter.scheduler_config, spec.sampler.timestep_spacing, steps)
-    return DiffusionSchedule.from_scheduler(scheduler, spec.sampler.x0_handling)
+        return FlowSchedule(
+            sigmas=adapter.flow_sigmas(steps),
+            num_train_timesteps=total,
+            scheduler_config=dict(adapter.scheduler_config),
+        )
+    # a sampler on its own sigma grid (EDM, spacing null) takes the alpha-bars from this one alone
+    scheduler = ddim_scheduler(adapter.scheduler_config, spec.sampler.timestep_spacing or "leading", steps)
+    return DiffusionSchedule.from_scheduler(scheduler, spec.sampler.x0_handling, adapter.scheduler_config)
 
 
 def build_gmm(spec: RunSpec, adapter: ModelAdapter, num_steps: int) -> GMM | None:
@@ -387,7 +399,7 @@ def run_metadata(
         "eta": eta,
         "guidance_scale": spec.sampler.guidance_scale,
         # what the steps did to x0_hat ("model" resolved against the model's scheduler config)
-        "x0_handling": getattr(plan.schedule, "x0_handling", None),
+        "x0_handling": None if has_own_time_grid(plan.sampler) else getattr(plan.schedule, "x0_handling", None),
         "conditional": plan.labels is not None or plan.prompts is not None,
         "n_components": None,
         "gmm_scale": spec.sampler.options.get("scale"),  # the control's offset size (gmm.scale)

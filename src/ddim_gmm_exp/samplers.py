@@ -56,13 +56,19 @@ class DiffusionSchedule:
     prediction_type: str = "epsilon"
     step_options: dict[str, Any] = field(default_factory=dict)
     family: str = "diffusion"
+    # the model's own scheduler config and the run's spacing: what baselines.diffusers_scheduler
+    # builds its scheduler from (the DDIM samplers walk `timesteps`)
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    spacing: str | None = None
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any, x0_handling: str = "model") -> DiffusionSchedule:
+    def from_scheduler(
+        cls, scheduler: Any, x0_handling: str | None = "model", scheduler_config: dict[str, Any] | None = None
+    ) -> DiffusionSchedule:
         """The schedule of a diffusers DDIMScheduler after set_timesteps: its timesteps, alpha-bars,
         prediction type, and the x0 handling (sampling.X0_HANDLINGS; "model": the scheduler
         config's clipping / thresholding, eps kept, as diffusers' step does by default)."""
@@ -71,7 +77,9 @@ class DiffusionSchedule:
             alphas_cumprod=scheduler.alphas_cumprod,
             final_abar=scheduler.final_alpha_cumprod,
             prediction_type=scheduler.config.prediction_type,
-            step_options=x0_handling_options(x0_handling, scheduler.config),
+            step_options={} if x0_handling is None else x0_handling_options(x0_handling, scheduler.config),
+            scheduler_config=dict(scheduler_config if scheduler_config is not None else scheduler.config),
+            spacing=scheduler.config.timestep_spacing,
         )
 
     @property
@@ -88,6 +96,8 @@ class FlowSchedule:
     sigmas: list[float]
     num_train_timesteps: int = 1000
     family: str = "flow"
+    scheduler_config: dict[str, Any] = field(default_factory=dict)  # for baselines.diffusers_scheduler
+    spacing: str | None = None
 
     @property
     def num_steps(self) -> int:
@@ -253,6 +263,17 @@ def option_names(function: Sampler) -> list[str]:
         for name, p in inspect.signature(function).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in shared
     ]
+
+
+def has_own_time_grid(function: Sampler) -> bool:
+    """Whether the sampler builds its own time grid from the model's scheduler config (the baselines:
+    diffusers' schedulers, EDM), so that the DDIM family's x0_handling means nothing to it."""
+    return bool(getattr(function, "own_time_grid", False))
+
+
+def uses_spacing(function: Sampler) -> bool:
+    """Whether the sampler walks timesteps chosen by sampler.timestep_spacing (EDM's sigma grid does not)."""
+    return bool(getattr(function, "uses_spacing", True))
 
 
 def takes_gmm(function: Sampler) -> bool:
