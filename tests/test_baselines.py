@@ -25,7 +25,7 @@ ASSETS = ROOT / "src/ddim_gmm_exp/assets"
 DDPM_CONFIG = json.loads((ASSETS / "digits/scheduler/scheduler_config.json").read_text())
 FLOW_CONFIG = json.loads((ASSETS / "digits_flow/scheduler/scheduler_config.json").read_text())
 SHAPE = (1, 4, 4)
-DIFFUSION = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "euler", "euler_a", "heun", "ddpm"]
+DIFFUSION = ["dpmpp_2m", "dpmpp_2m_sde", "unipc", "euler", "euler_a", "heun", "ddpm", "deis"]
 FLOW = ["flow_heun", "flow_euler", "flow_euler_sde"]
 
 
@@ -56,7 +56,7 @@ def plain_diffusers_loop(cls_name: str, config: dict, options: dict, steps: int,
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         output = network(model_input, t.expand(len(seeds)))
-        deterministic = cls_name in ("UniPCMultistepScheduler", "HeunDiscreteScheduler")  # step takes no generator
+        deterministic = cls_name in ("UniPCMultistepScheduler", "HeunDiscreteScheduler", "DEISMultistepScheduler")
         kwargs = {} if deterministic else {"generator": generators}
         latents = scheduler.step(output, t, latents, **kwargs).prev_sample
     return latents

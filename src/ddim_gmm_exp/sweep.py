@@ -117,6 +117,7 @@ def _result_row(path: Path, sweep_dir: Path) -> dict[str, Any]:
         "extra_per_dim": account.get("extra_per_dim"),
         "gmm_clipped_fraction": result.get("gmm_clipped_fraction"),
         "images_per_second": result.get("images_per_second"),
+        "nfe": result.get("nfe"),  # model evaluations per sample (older runs: absent)
         "overrides": " ".join(result.get("overrides", [])),
         "duplicate_of": None,
         # older results.json files lack "settings": their top-level keys are all they say
@@ -133,7 +134,8 @@ def _job_key(path: Path, sweep_dir: Path) -> tuple:
 
 
 def metric_names(rows: list[dict[str, Any]]) -> list[str]:
-    fixed = {"job", "model", "series", "images_per_second", "overrides", "duplicate_of", *ACCOUNT_COLUMNS, *KEY_COLUMNS}
+    fixed = {"job", "model", "series", "images_per_second", "nfe", "overrides", "duplicate_of"}
+    fixed |= {*ACCOUNT_COLUMNS, *KEY_COLUMNS}
     names: list[str] = []
     for row in rows:
         names += [k for k in row if k not in fixed and not k.startswith("_") and k not in names and _is_number(row[k])]
@@ -201,12 +203,13 @@ def _unique_labels(series: set[_Series]) -> dict[_Series, str]:
     """name + key=value for each setting the name does not say that takes two values; where two
     series would still read the same (a difference the name hides, or a setting one of them lacks),
     the settings they differ in are added."""
-    present: dict[str, set] = defaultdict(set)
+    present: dict[tuple[str, str], set] = defaultdict(set)
     for s in series:
         for k, value in s.settings:
-            present[k] |= set() if value is _MISSING else {value}
-    # a key only some jobs have (the GMM's, absent for DDIM) is said by the sampler's name
-    shown = sorted(k for k, values in present.items() if len(values) > 1 and k not in SAID_BY_LABEL)
+            present[(s.name, k)] |= set() if value is _MISSING else {value}
+    # a key only some jobs have (the GMM's, absent for DDIM) is said by the sampler's name, and so
+    # is one that is constant under each name (a baseline's scheduler options, its spacing)
+    shown = sorted({k for (_, k), values in present.items() if len(values) > 1 and k not in SAID_BY_LABEL})
     labels = {s: _label(s, shown) for s in series}
     for group in _collisions(labels):
         labels |= _reveal(group, shown)
@@ -259,7 +262,7 @@ def series_label(row: dict[str, Any]) -> str:
 
 
 def _readable_label(row: dict[str, Any]) -> str:
-    label = f"{row['sampler']} eta={row['eta']}"
+    label = str(row["sampler"]) if row.get("eta") is None else f"{row['sampler']} eta={row['eta']}"
     if row.get("n_components") is not None:
         label += f" {row.get('variant')} K={row['n_components']}"
     if row.get("gmm_scale") is not None:  # a GMM's or a control's offset size
@@ -386,6 +389,7 @@ def write_csv(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
         *settings,
         *metrics,
         *ACCOUNT_COLUMNS,
+        "nfe",
         "images_per_second",
         "duplicate_of",
         "overrides",
