@@ -177,6 +177,8 @@ def test_results_record_the_nfe_counted_at_the_denoiser(sampler, steps, guidance
          "sampler.scheduler='NoSuchScheduler' is not a diffusers scheduler class"),
         (["sampler=euler", "+sampler.scheduler_options.timestep_spacing=trailing"],
          "sampler.scheduler_options.timestep_spacing='trailing' is not allowed: the run sets it"),
+        (["model=digits_flow", "sampler=flow_heun", "sampler.timestep_spacing=leading"],
+         "sampler.timestep_spacing='leading' is not used by sampler=flow_heun"),
         (["sampler=heun", "+sampler.x0_handling=clip"], "sampler.x0_handling='clip' is not used by sampler=heun"),
         (["sampler=edm", "sampler.timestep_spacing=leading"],
          "sampler.timestep_spacing='leading' is not used by sampler=edm"),
