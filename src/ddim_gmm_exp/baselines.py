@@ -105,6 +105,14 @@ def diffusers_scheduler(
     return x
 
 
+def scheduler_model_calls(steps: int, options: dict[str, Any], spacing: str | None) -> int:
+    """How many model calls the scheduler's loop makes for ``steps`` steps: the length of its
+    timesteps after set_timesteps (Heun's: 2S - 1), on the scheduler's default config."""
+    sched = build_scheduler(options.get("scheduler", "DDPMScheduler"), {}, options.get("scheduler_options"), spacing)
+    sched.set_timesteps(steps)
+    return len(sched.timesteps)
+
+
 def ddpm_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """sigma_t = sqrt((1 - abar_t) / abar_t) of every trained timestep (the VE view of a VP model)."""
     abar = alphas_cumprod.double()
@@ -183,4 +191,6 @@ def edm(
 # (x0_handling) mean nothing to them
 diffusers_scheduler.own_time_grid = True  # type: ignore[attr-defined]
 edm.own_time_grid = True  # type: ignore[attr-defined]
+diffusers_scheduler.model_calls = scheduler_model_calls  # type: ignore[attr-defined]
+edm.model_calls = lambda steps, options, spacing: 2 * steps - 1  # type: ignore[attr-defined]  (last step: Euler)
 edm.uses_spacing = False  # type: ignore[attr-defined]  (its rho grid in sigma: timestep_spacing null)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ddim_gmm_exp.baselines import check_scheduler_options
-from ddim_gmm_exp.config import RunSpec
+from ddim_gmm_exp.config import RunSpec, calls_per_evaluation
 from ddim_gmm_exp.controls import IsotropicOffsetKernel
 from ddim_gmm_exp.data import read_prompts, resolve_labels
 from ddim_gmm_exp.errors import ConfigError
@@ -24,6 +24,7 @@ from ddim_gmm_exp.samplers import (
     FAMILIES,
     ddim_scheduler,
     has_own_time_grid,
+    model_calls,
     option_names,
     timesteps_are_sound,
     uses_spacing,
@@ -86,8 +87,33 @@ def check_data(spec: RunSpec) -> None:
     read_prompts(data.prompts_file)  # readable and not empty
 
 
+def check_nfe_budget(spec: RunSpec) -> None:
+    """nfe (a budget of model evaluations per sample) chooses the steps: it must be a positive
+    integer that one step fits in, and it is not given together with sampler.steps."""
+    sampler = spec.sampler
+    if sampler.nfe_budget is None:
+        return
+    check_number("nfe", sampler.nfe_budget, 1, integer=True)
+    steps_given = [o for o in spec.output.overrides if o.lstrip("+~").split("=", 1)[0] == "sampler.steps"]
+    if steps_given:
+        raise ConfigError(
+            f"nfe={sampler.nfe_budget} and {steps_given[0]} are both given: nfe chooses the steps (the most "
+            "that fit in that many model evaluations per sample); give one of them"
+        )
+    if sampler.steps < 1:
+        conditional = spec.data.labels is not None or spec.data.prompts_file
+        per_call = calls_per_evaluation(sampler.guidance_scale, conditional)
+        one_step = model_calls(sampler.function, 1, sampler.options, sampler.timestep_spacing) * per_call
+        guided = f" under guidance {sampler.guidance_scale:g}" if per_call == 2 else ""
+        raise ConfigError(
+            f"nfe={sampler.nfe_budget} is fewer than one step of sampler={sampler.name} takes ({one_step} model "
+            f"evaluations per sample{guided}): use nfe >= {one_step}"
+        )
+
+
 def check_sampler(spec: RunSpec) -> None:
     sampler, model = spec.sampler, spec.model
+    check_nfe_budget(spec)
     check_number("sampler.steps", sampler.steps, 1, integer=True)
     check_number("sampler.guidance_scale", sampler.guidance_scale, 0)
     if sampler.family not in FAMILIES:

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddim_gmm_exp.samplers import RUN_KEYS, Sampler, option_names, resolve_function
+from ddim_gmm_exp.samplers import RUN_KEYS, Sampler, option_names, resolve_function, steps_for_nfe
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class SamplerSpec:
     gmm: dict[str, Any] | None  # GMMHyperparameters fields but dim and n_steps; None: no GMM
     gmm_overrides: list[str] = field(default_factory=list)  # gmm.* overrides this sampler does not read
     gmm_options: dict[str, str] = field(default_factory=dict)  # option -> the gmm key it reads (the control's)
+    nfe_budget: Any = None  # the run's top-level nfe: steps are the most that fit it; None: sampler.steps
 
     @property
     def function(self) -> Sampler:
@@ -233,6 +234,12 @@ def sweep_job() -> tuple[Path, int] | None:
     return Path(hydra_cfg.sweep.dir), int(hydra_cfg.job.num)
 
 
+def calls_per_evaluation(guidance_scale: Any, conditional: Any) -> int:
+    """Model calls per denoiser evaluation: 2 under classifier-free guidance (conditional and
+    unconditional), 1 without (scale 1: the conditional model alone; scale 0: the unconditional one)."""
+    return 2 if conditional and guidance_scale not in (0, 0.0, 1, 1.0) else 1
+
+
 def resolve_run(
     cfg: DictConfig, overrides: list[str], sweep_group: str | None, job: tuple[Path, int] | None = None
 ) -> RunSpec:
@@ -244,6 +251,12 @@ def resolve_run(
     function_path = sampler["function"]
     takes = option_names(resolve_function(function_path))
     options = {k: v for k, v in sampler.items() if k not in RUN_KEYS}
+    data = {k: plain(cfg.data[k]) for k in ("num_samples", "batch_size", "seed", "labels", "prompts_file")}
+    budget = cfg.get("nfe")
+    steps = sampler["steps"]
+    if isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1:  # else checks refuse it
+        guided = calls_per_evaluation(sampler["guidance_scale"], data["labels"] is not None or data["prompts_file"])
+        steps = steps_for_nfe(resolve_function(function_path), budget, options, sampler.get("timestep_spacing"), guided)
     return RunSpec(
         model=ModelSpec(
             name=model["name"],
@@ -259,7 +272,7 @@ def resolve_run(
             name=sampler["name"],
             function_path=function_path,
             family=sampler.get("family", "diffusion"),
-            steps=sampler["steps"],
+            steps=steps,
             timestep_spacing=sampler.get("timestep_spacing"),
             guidance_scale=sampler["guidance_scale"],
             x0_handling=sampler.get("x0_handling"),
@@ -267,10 +280,9 @@ def resolve_run(
             gmm=plain(cfg.gmm) if "gmm" in takes else None,
             gmm_overrides=unread_gmm_overrides(cfg, overrides, uses_gmm="gmm" in takes),
             gmm_options={} if "gmm" in takes else gmm_options(cfg),
+            nfe_budget=budget,
         ),
-        data=DataSpec(
-            **{k: plain(cfg.data[k]) for k in ("num_samples", "batch_size", "seed", "labels", "prompts_file")}
-        ),
+        data=DataSpec(**data),
         metrics=MetricsSpec(
             fid_enabled=fid["enabled"],
             fid_features=fid["features"],

@@ -396,6 +396,7 @@ def run_metadata(
         "sampler": spec.sampler.name,
         "variant": variant_name(gmm.hparams) if gmm is not None else spec.sampler.name.upper(),
         "steps": plan.schedule.num_steps,  # the steps that ran (checks refuse grids of another length)
+        "nfe_budget": spec.sampler.nfe_budget,  # nfe=N: the steps were the most within N evaluations
         "eta": eta,
         "guidance_scale": spec.sampler.guidance_scale,
         # what the steps did to x0_hat ("model" resolved against the model's scheduler config)

@@ -276,6 +276,25 @@ def uses_spacing(function: Sampler) -> bool:
     return bool(getattr(function, "uses_spacing", True))
 
 
+def model_calls(function: Sampler, steps: int, options: dict[str, Any], spacing: str | None) -> int:
+    """The model evaluations per sample of ``steps`` steps, without guidance: the function's own
+    ``model_calls`` (Heun-type samplers: 2S - 1), else one a step. Pinned against the count the run
+    makes at the denoiser (tests/test_nfe_budget.py)."""
+    count = getattr(function, "model_calls", None)
+    return int(count(steps, options, spacing)) if count is not None else int(steps)
+
+
+def steps_for_nfe(
+    function: Sampler, nfe: int, options: dict[str, Any], spacing: str | None, calls_per_evaluation: int
+) -> int:
+    """The most steps whose model evaluations per sample (``calls_per_evaluation`` a call: 2 under
+    classifier-free guidance) stay within ``nfe``; 0 when one step is already over it."""
+    steps = 0
+    while (steps + 1) <= nfe and model_calls(function, steps + 1, options, spacing) * calls_per_evaluation <= nfe:
+        steps += 1
+    return steps
+
+
 def takes_gmm(function: Sampler) -> bool:
     """Whether the sampler uses a mixture kernel: it has a ``gmm`` keyword."""
     return "gmm" in option_names(function)
