@@ -2,6 +2,7 @@
 
 python scripts/summarize.py multirun/sample/2026-11-27_09-00-00
 python scripts/summarize.py multirun/sample/2026-11-27_09-00-00 --metric classifier_confidence
+python scripts/summarize.py multirun/sample/2026-11-27_09-00-00 --x steps
 """
 
 import argparse
@@ -20,10 +21,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="the primary metric of paper.md and paper.png (default: the first FID-like metric, else the first)",
     )
+    parser.add_argument(
+        "--x",
+        default=None,
+        choices=["steps", "nfe"],
+        help="the x axis (default: NFE where the jobs had an NFE budget or differ in calls per step, else steps)",
+    )
     args = parser.parse_args(argv)
     try:
-        written = write_summary(args.sweep_dir, metric=args.metric)
-    except ConfigError as err:  # an unknown --metric: one line naming the ones there are
+        written = write_summary(args.sweep_dir, metric=args.metric, x=args.x)
+    except ConfigError as err:  # an unknown --metric (or nfe asked of old runs): one line naming the ones there are
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not written:

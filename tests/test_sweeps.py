@@ -55,17 +55,36 @@ def test_multirun_writes_results_and_a_summary(tmp_path, cache_dir):
     assert rebuilt.returncode == 0 and (sweep / "summary.md").is_file()
 
 
+def experiment_sweep(experiment: str) -> dict[str, str]:
+    """The sweep an experiment file declares, with the sweeps of the experiments it extends
+    (its plain `defaults` entries) under its own, as Hydra composes them."""
+    import yaml
+
+    spec = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
+    params: dict[str, str] = {}
+    for parent in spec.get("defaults", []):
+        if isinstance(parent, str) and parent != "_self_":
+            params.update(experiment_sweep(parent))
+    params.update((spec.get("hydra") or {}).get("sweeper", {}).get("params", {}))
+    return params
+
+
 def shrunk_sweep(experiment: str) -> list[str]:
     """The experiment's own sweep cut to its first two values of the first swept key and the
     first value of every other (command-line sweeps take precedence over the file's)."""
-    import yaml
-
-    params = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())["hydra"]["sweeper"]["params"]
     args = []
-    for i, (key, values) in enumerate(params.items()):
+    for i, (key, values) in enumerate(experiment_sweep(experiment).items()):
         choices = str(values).split(",")
         args.append(f"{key}={','.join(choices[:2] if i == 0 else choices[:1])}")
     return args
+
+
+def test_shrunk_sweep_covers_an_extended_experiments_keys():
+    """samplers_digits_full overrides three of samplers_digits' keys; the two it inherits
+    (variant, data.seed) are cut too, so the shrunk sweep is two jobs, not the parent's grid."""
+    args = dict(a.split("=", 1) for a in shrunk_sweep("samplers_digits_full"))
+    assert args["variant"] == "ddim,ddim_noise" and args["data.seed"] == "0"
+    assert args["nfe"] == "4" and args["gmm.scale"] == "0.1"
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))

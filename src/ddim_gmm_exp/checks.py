@@ -30,6 +30,7 @@ from ddim_gmm_exp.samplers import (
     uses_spacing,
 )
 from ddim_gmm_exp.sampling import PREDICTION_TYPES, X0_HANDLINGS
+from ddim_gmm_exp.sweep import X_AXES as SUMMARY_X_AXES
 
 SPACINGS = ("leading", "trailing", "linspace")
 FID_FEATURES = (None, "model", "inception")
@@ -68,6 +69,7 @@ def check_run(spec: RunSpec, in_multirun: bool) -> None:
     check_gmm(spec, in_multirun)
     check_paths_and_metrics(spec)
     check_logger(spec)
+    check_summary_axis(spec)
     check_trainer(spec)
     ranks = world_size(spec.output.trainer)
     if spec.data.num_samples < ranks:
@@ -204,6 +206,13 @@ def check_variant(spec: RunSpec) -> None:
             f"variant={variant['name']} runs sampler={variant['sampler']} but sampler={spec.sampler.name} "
             "was also given: drop one of them"
         )
+
+
+def check_summary_axis(spec: RunSpec) -> None:
+    """summary.x is read only when the sweep ends: a bad value is refused before its jobs sample."""
+    x = spec.output.summary_x
+    if x is not None and x not in SUMMARY_X_AXES:
+        raise ConfigError(f"summary.x={x!r} is not allowed: choose one of {', '.join(SUMMARY_X_AXES)} or null")
 
 
 def check_trainer(spec: RunSpec) -> None:

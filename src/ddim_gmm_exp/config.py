@@ -101,6 +101,7 @@ class OutputSpec:
     sweep_dir: Path | None = None  # a multirun's directory (holds sweep_plan.json); None for single runs
     job_num: int | None = None  # this job's number in its multirun
     named_variant: dict[str, Any] | None = None  # {name, sampler} of a conf/variant file, if one was chosen
+    summary_x: Any = None  # summary.x: the sweep summaries' x axis (checked before sampling)
 
 
 @dataclass(frozen=True)
@@ -306,5 +307,6 @@ def resolve_run(
             sweep_dir=job[0] if job is not None else None,
             job_num=job[1] if job is not None else None,
             named_variant=plain(cfg.get("named_variant")),
+            summary_x=OmegaConf.select(cfg, "summary.x", default=None),
         ),
     )

@@ -5,11 +5,15 @@
 Each job's results.json becomes a row. A series is every job that shares all the settings that
 differ between the jobs (results.json's ``settings``) but the seed and the step count: its label
 is the readable "sampler eta variant K s cfg" plus ``key=value`` for every other differing setting.
-Each seed counts once per (series, steps). The plot shows each metric against steps, one line per
-series, averaged over seeds with min-max bars where seeds vary. A sweep over GMM variants also gets
-the paper's reporting (Tables 7-8, Fig. 1): paper.md, one table per (guidance, eta) with the best
-scale s per (variant, steps) cell, chosen on the seeds every s of the cell has, next to its value,
-and paper.png, the primary metric (``summary.metric``) against steps, one panel per eta, ± std bars.
+Each seed counts once per (series, x). The x axis (``summary.x``, x_axis) is the step count, or
+the NFE (model evaluations per sample) where the jobs had an NFE budget (``nfe=N``) or samplers
+that differ in evaluations per step. The plot shows each metric against x, one line per series,
+averaged over seeds with min-max bars where seeds vary. A sweep over GMM variants also gets the
+paper's reporting (Tables 7-8, Fig. 1): paper.md, one table per (guidance, eta) with the best scale
+s per (variant, x) cell, chosen on the seeds every s of the cell has, next to its value, and
+paper.png, the primary metric (``summary.metric``) against x, one panel per eta, ± std bars. A
+sampler without eta (a baseline) is in every eta table of its guidance; a cell whose budget's
+steps made fewer evaluations than the column says shows them ("[19 NFE]").
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ LEGACY_SETTINGS = {
     "seed": "data.seed",
 }
 SEED_KEY, STEPS_KEY, SCALE_KEY = "data.seed", "sampler.steps", "gmm.scale"
+NFE_KEY = "nfe"  # an NFE budget places a job on x like its steps do: neither tells series apart
 # settings the readable labels already say (the variant name is made of the GMM's construction
 # flags), in the order they are named where the readable part hides a difference (_unique_labels)
 SAID_BY_LABEL = (
@@ -85,21 +90,63 @@ MISSING_MARK = "†"  # a cell with fewer seeds than its table
 # ----------------------------------------------------------------------------------- rows
 
 
-def collect_results(sweep_dir: Path) -> list[dict[str, Any]]:
+X_AXES = ("steps", "nfe")
+X_UNITS = {"steps": "steps", "nfe": "NFE"}
+
+
+def collect_results(sweep_dir: Path, x: str | None = None) -> list[dict[str, Any]]:
     """One flat row per job's results.json under sweep_dir, in job order, each with its summary
-    series ("series"), its paper series and, for a repeated seed, the job it repeats ("duplicate_of")."""
+    series ("series"), its paper series, its x value ("x": steps or NFE, x_axis) and, for a repeated
+    seed, the job it repeats ("duplicate_of")."""
     sweep_dir = Path(sweep_dir)
     paths = sorted(sweep_dir.glob("**/results.json"), key=lambda p: _job_key(p, sweep_dir))
     rows = [_result_row(path, sweep_dir) for path in paths]
+    axis = x_axis(rows, x)
+    for row in rows:
+        row["_x_unit"] = X_UNITS[axis]
+        # at equal NFE a job is placed at its budget (nfe=N); the tables say where fewer ran
+        row["x"] = row["steps"] if axis == "steps" else (row.get("nfe_budget") or row.get("nfe"))
     models = {row["model"] for row in rows}
     for row in rows:  # name the model in a series only when the sweep has several
         row["_only_model"] = next(iter(models)) if len(models) == 1 else None
-    summary = series_labels(rows, {SEED_KEY, STEPS_KEY}, _readable_label)
-    paper = series_labels(rows, {SEED_KEY, STEPS_KEY, SCALE_KEY}, _paper_name, _paper_context)
+    summary = series_labels(rows, {SEED_KEY, STEPS_KEY, NFE_KEY}, _readable_label)
+    paper = series_labels(rows, {SEED_KEY, STEPS_KEY, NFE_KEY, SCALE_KEY}, _paper_name, _paper_context)
     for row, label, paper_label in zip(rows, summary, paper, strict=True):
         row["series"], row["_paper_series"] = label, paper_label
     mark_duplicates(rows)
     return rows
+
+
+def x_axis(rows: list[dict[str, Any]], requested: str | None = None) -> str:
+    """What the summaries put on x (summary.x): "steps" or "nfe"; None: NFE when the jobs had an
+    NFE budget (nfe=N) or their samplers differ in model evaluations per step, else steps."""
+    if requested is not None:
+        if requested not in X_AXES:
+            raise ConfigError(f"summary.x={requested!r} is not allowed: choose one of {', '.join(X_AXES)} or null")
+        if requested == "nfe" and any(row.get("nfe") is None for row in rows):
+            raise ConfigError("summary.x='nfe' needs nfe in every results.json (older runs lack it): use steps")
+        return requested
+    if any(row.get("nfe") is None for row in rows):
+        return "steps"
+    if any(row.get("nfe_budget") is not None for row in rows):
+        return "nfe"
+    per_step = {row["nfe"] / row["steps"] / _calls_per_evaluation(row) for row in rows if row.get("steps")}
+    return "nfe" if len(per_step) > 1 else "steps"
+
+
+def _calls_per_evaluation(row: dict[str, Any]) -> int:
+    guided = row.get("conditional") is not False and row.get("guidance_scale") not in (None, 0, 0.0, 1, 1.0)
+    return 2 if guided else 1
+
+
+def x_value(row: dict[str, Any]) -> Any:
+    """The row's x (collect_results sets it); its steps for a row built by hand."""
+    return row.get("x", row.get("steps"))
+
+
+def x_unit(rows: list[dict[str, Any]]) -> str:
+    """ "steps" or "NFE", as collect_results chose for these rows."""
+    return rows[0].get("_x_unit", "steps") if rows else "steps"
 
 
 def _result_row(path: Path, sweep_dir: Path) -> dict[str, Any]:
@@ -118,6 +165,7 @@ def _result_row(path: Path, sweep_dir: Path) -> dict[str, Any]:
         "gmm_clipped_fraction": result.get("gmm_clipped_fraction"),
         "images_per_second": result.get("images_per_second"),
         "nfe": result.get("nfe"),  # model evaluations per sample (older runs: absent)
+        "nfe_budget": result.get("nfe_budget"),  # nfe=N of the run, if it had one
         "overrides": " ".join(result.get("overrides", [])),
         "duplicate_of": None,
         # older results.json files lack "settings": their top-level keys are all they say
@@ -134,7 +182,7 @@ def _job_key(path: Path, sweep_dir: Path) -> tuple:
 
 
 def metric_names(rows: list[dict[str, Any]]) -> list[str]:
-    fixed = {"job", "model", "series", "images_per_second", "nfe", "overrides", "duplicate_of"}
+    fixed = {"job", "model", "series", "images_per_second", "nfe", "nfe_budget", "x", "overrides", "duplicate_of"}
     fixed |= {*ACCOUNT_COLUMNS, *KEY_COLUMNS}
     names: list[str] = []
     for row in rows:
@@ -284,7 +332,7 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> None:
     job order; the others get duplicate_of = that job and are left out of every table and plot."""
     first: dict[tuple, str] = {}
     for row in rows:
-        key = (series_label(row), row.get("steps"), _hashable(row.get("seed")))
+        key = (series_label(row), x_value(row), _hashable(row.get("seed")))
         if key in first:
             row["duplicate_of"] = first[key]
         else:
@@ -304,18 +352,18 @@ def duplicate_notes(rows: list[dict[str, Any]]) -> list[str]:
             repeats[row["duplicate_of"]].append(row)
     by_job = {row["job"]: row for row in rows}
     return [
-        f"seed {by_job[job]['seed']} of {series_label(by_job[job])} at {by_job[job]['steps']} steps is in jobs "
-        f"{', '.join([job, *(r['job'] for r in dups)])}: counted once (job {job})"
+        f"seed {by_job[job]['seed']} of {series_label(by_job[job])} at {x_value(by_job[job])} {x_unit(rows)} is in "
+        f"jobs {', '.join([job, *(r['job'] for r in dups)])}: counted once (job {job})"
         for job, dups in repeats.items()
     ]
 
 
 def seed_values(rows: list[dict[str, Any]], metric: str) -> dict[tuple[str, Any], dict[Any, float]]:
-    """(series, steps) -> {seed: value} over the counted jobs that have the metric."""
+    """(series, x) -> {seed: value} over the counted jobs that have the metric."""
     values: dict[tuple[str, Any], dict[Any, float]] = defaultdict(dict)
     for row in counted(rows):
         if _is_number(row.get(metric)):
-            values[(series_label(row), row["steps"])][_hashable(row.get("seed"))] = float(row[metric])
+            values[(series_label(row), x_value(row))][_hashable(row.get("seed"))] = float(row[metric])
     return dict(values)
 
 
@@ -350,12 +398,13 @@ def aggregate(rows: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[A
     return dict(series)
 
 
-def write_summary(sweep_dir: str | Path, metric: str | None = None) -> list[Path]:
+def write_summary(sweep_dir: str | Path, metric: str | None = None, x: str | None = None) -> list[Path]:
     """summary.csv, summary.md and summary.png in sweep_dir, and for a sweep with GMM (or control)
     jobs paper.md and paper.png on ``metric`` (None: the first FID-like one); returns their paths.
-    An unknown metric raises ConfigError before anything is written."""
+    ``x`` is the x axis (summary.x: steps, nfe; None: x_axis decides). An unknown metric or axis
+    raises ConfigError before anything is written."""
     sweep_dir = Path(sweep_dir)
-    rows = collect_results(sweep_dir)
+    rows = collect_results(sweep_dir, x)
     if not rows:
         log.warning("no results.json under %s: no summary written", sweep_dir)
         return []
@@ -380,7 +429,7 @@ def write_summary(sweep_dir: str | Path, metric: str | None = None) -> list[Path
 
 def write_csv(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
     """One line per job (repeated seeds too, with duplicate_of), the differing settings as columns."""
-    settings = differing_settings([r for r in rows if r["_recorded"]], {SEED_KEY, STEPS_KEY})
+    settings = differing_settings([r for r in rows if r["_recorded"]], {SEED_KEY, STEPS_KEY, NFE_KEY})
     columns = [
         "job",
         "series",
@@ -390,6 +439,7 @@ def write_csv(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
         *metrics,
         *ACCOUNT_COLUMNS,
         "nfe",
+        "nfe_budget",
         "images_per_second",
         "duplicate_of",
         "overrides",
@@ -428,17 +478,18 @@ def pivot_markdown(rows: list[dict[str, Any]], metric: str) -> str:
     steps = sorted({st for _, st in by_cell})
     seeds = max((len(v) for v in by_cell.values()), default=1)
     spread = "mean ± std over seeds, n seeds" if seeds > 1 else "one seed"
+    unit = x_unit(rows)
     lines = [
         f"**{metric}** ({better_direction(metric)}; {spread})",
         "",
-        f"| series | {' | '.join(f'{s} steps | n' for s in steps)} |",
+        f"| series | {' | '.join(f'{s} {unit} | n' for s in steps)} |",
         "|---|" + "---|---|" * len(steps),
     ]
     missing = missing_seeds({k: set(v) for k, v in by_cell.items()})
     for label in sorted({lbl for lbl, _ in by_cell}):
         cells = [_summary_cell(by_cell.get((label, st)), (label, st) in missing) for st in steps]
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    notes = [f"{k[0]} at {k[1]} steps: seeds missing: {_seed_list(v)}" for k, v in sorted(missing.items())]
+    notes = [f"{k[0]} at {k[1]} {unit}: seeds missing: {_seed_list(v)}" for k, v in sorted(missing.items())]
     return "\n".join([*lines, "", *_footnote(notes)]).rstrip("\n") + "\n"
 
 
@@ -450,10 +501,11 @@ def _summary_cell(by_seed: dict[Any, float] | None, flagged: bool) -> str:
 
 def long_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
     """Mean +- std over seeds for every (series, steps), one table."""
-    lines = [f"| series | steps | {' | '.join(metrics)} | seeds |", "|---|---|" + "---|" * (len(metrics) + 1)]
+    unit = x_unit(rows)
+    lines = [f"| series | {unit} | {' | '.join(metrics)} | seeds |", "|---|---|" + "---|" * (len(metrics) + 1)]
     by_key: dict[tuple[str, Any], list[dict]] = defaultdict(list)
     for row in counted(rows):
-        by_key[(series_label(row), row["steps"])].append(row)
+        by_key[(series_label(row), x_value(row))].append(row)
     for (label, steps), group in sorted(by_key.items()):
         cells = []
         for m in metrics:
@@ -550,7 +602,7 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
 
 
 def _summary_panel(ax: Any, rows: list[dict[str, Any]], metric: str, style: dict[str, dict], seeds: int) -> None:
-    steps = sorted({r["steps"] for r in rows if isinstance(r.get("steps"), int)})
+    steps = sorted({x_value(r) for r in rows if isinstance(x_value(r), int)})
     if len(steps) == 1:  # against steps it would be one column of dots: one row per series instead
         _single_step_panel(ax, rows, metric, style, seeds, steps[0])
         return
@@ -565,7 +617,7 @@ def _summary_panel(ax: Any, rows: list[dict[str, Any]], metric: str, style: dict
     else:
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_xticks(steps, [str(st) for st in steps])
-    ax.set_xlabel("steps")
+    ax.set_xlabel(x_unit(rows))
     ax.set_ylabel(metric)
     spread = f"mean over {seeds} seeds, bars min-max over seeds" if seeds > 1 else "one seed"
     ax.set_title(f"{metric} ({better_direction(metric)})\n{spread}", fontsize=9)
@@ -586,7 +638,7 @@ def _single_step_panel(
     ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     ax.set_xlabel(metric)
     spread = f"mean over {seeds} seeds, bars min-max over seeds" if seeds > 1 else "one seed"
-    ax.set_title(f"{metric} ({better_direction(metric)}) at {steps} steps\n{spread}", fontsize=9)
+    ax.set_title(f"{metric} ({better_direction(metric)}) at {steps} {x_unit(rows)}\n{spread}", fontsize=9)
     ax.grid(alpha=0.3)
 
 
@@ -666,17 +718,37 @@ class Cell(NamedTuple):
     n: int
     seeds: tuple
     note: str = ""  # how the seeds were chosen, when not the usual way
+    ran: Any = None  # at equal NFE: the evaluations the jobs made, where fewer than the column's budget
 
 
 def best_scale_cells(rows: list[dict[str, Any]], metric: str) -> dict[PaperKey, Cell]:
     """(setting, eta, series, K, steps) -> Cell: the best s per cell in the metric's direction,
     every s compared on the seeds they all have (the paper reports the best s per cell)."""
     by_scale: dict[PaperKey, dict[Any, dict[Any, float]]] = defaultdict(lambda: defaultdict(dict))
+    ran: dict[PaperKey, set] = defaultdict(set)
     for row in counted(rows):
         if _is_number(row.get(metric)):
-            key = PaperKey(setting_label(row), row["eta"], paper_series(row), row.get("n_components"), row["steps"])
+            key = PaperKey(setting_label(row), row["eta"], paper_series(row), row.get("n_components"), x_value(row))
             by_scale[key][row.get("gmm_scale")][_hashable(row.get("seed"))] = float(row[metric])
-    return {key: _best_scale(candidates, metric) for key, candidates in by_scale.items()}
+            if row.get("nfe_budget") is not None and row.get("nfe") != x_value(row):
+                ran[key].add(row.get("nfe"))
+    cells = {key: _best_scale(candidates, metric) for key, candidates in by_scale.items()}
+    return {key: cell._replace(ran=_seed_list(ran[key]) if ran[key] else None) for key, cell in cells.items()}
+
+
+def _etas(keys: Iterable[PaperKey], setting: str) -> list[Any]:
+    """The eta tables of a setting: its etas; a sampler without eta (a baseline) is in each of
+    them, and in one table of its own where no job of the setting has an eta."""
+    etas = {k.eta for k in keys if k.setting == setting and k.eta is not None}
+    return sorted(etas) or [None]
+
+
+def _in_table(key: PaperKey, setting: str, eta: Any) -> bool:
+    return key.setting == setting and (key.eta == eta or key.eta is None)
+
+
+def _table_title(setting: str, eta: Any) -> str:
+    return setting if eta is None else f"{setting}, eta = {eta}"
 
 
 def _best_scale(candidates: dict[Any, dict[Any, float]], metric: str) -> Cell:
@@ -707,51 +779,53 @@ def paper_markdown(rows: list[dict[str, Any]], metric: str, fallback: str = "") 
         lines += [fallback, ""]
     order = {paper_series(r): (r.get("model") or "", _variant_key(r.get("variant") or "DDIM")) for r in rows}
     for setting in sorted({k.setting for k in cells}):
-        for eta in sorted({k.eta for k in cells if k.setting == setting}):
-            table = {k: c for k, c in cells.items() if k.setting == setting and k.eta == eta}
-            lines += _paper_table(table, metric, order)
+        for eta in _etas(cells, setting):
+            table = {k: c for k, c in cells.items() if _in_table(k, setting, eta)}
+            lines += _paper_table(table, metric, order, (setting, eta), x_unit(rows))
     notes = duplicate_notes(rows)
     lines += ["Repeated seeds (each counted once): " + "; ".join(notes), ""] if notes else []
     return "\n".join(lines)
 
 
-def _paper_table(table: dict[PaperKey, Cell], metric: str, order: dict[str, tuple]) -> list[str]:
-    key0 = next(iter(table))
+def _paper_table(
+    table: dict[PaperKey, Cell], metric: str, order: dict[str, tuple], where: tuple, unit: str = "steps"
+) -> list[str]:
     steps = sorted({k.steps for k in table})
     series = sorted({(k.series, k.n_components) for k in table}, key=lambda v: (order.get(v[0], ()), v[0], v[1] or 0))
     best = {st: best_value((c.mean for k, c in table.items() if k.steps == st), metric) for st in steps}
     missing = missing_seeds({k: set(c.seeds) for k, c in table.items()})
     flagged = set(missing) | {k for k, c in table.items() if c.note}
     in_order = sorted(flagged, key=lambda k: (order.get(k.series, ()), k.series, k.n_components or 0, k.steps))
-    notes = [_cell_note(k, table[k], missing.get(k, set())) for k in in_order]
+    notes = [_cell_note(k, table[k], missing.get(k, set()), unit) for k in in_order]
     lines = [
-        f"**{key0.setting}, eta = {key0.eta}**",
+        f"**{_table_title(*where)}**",
         "",
-        "| sampler | " + " | ".join(f"{st} steps | n" for st in steps) + " |",
+        "| sampler | " + " | ".join(f"{st} {unit} | n" for st in steps) + " |",
         "|---|" + "---|---|" * len(steps),
     ]
+    etas = {(key.series, key.n_components): key.eta for key in table}
     for name, k in series:
         row_cells = []
         for st in steps:
-            key = PaperKey(key0.setting, key0.eta, name, k, st)
+            key = PaperKey(where[0], etas[(name, k)], name, k, st)
             cell = table.get(key)
             row_cells.append(" | " if cell is None else _paper_cell(cell, cell.mean == best[st], key in flagged))
         lines.append(f"| {_series_name(name, k)} | " + " | ".join(row_cells) + " |")
     return [*lines, "", *_footnote(notes)]
 
 
-def _cell_note(key: PaperKey, cell: Cell, missing: set) -> str:
+def _cell_note(key: PaperKey, cell: Cell, missing: set, unit: str = "steps") -> str:
     why = ([f"seeds missing: {_seed_list(missing)}"] if missing else []) + ([cell.note] if cell.note else [])
-    return f"{_cell_name(key, cell)}: {'; '.join(why)}"
+    return f"{_cell_name(key, cell, unit)}: {'; '.join(why)}"
 
 
 def _series_name(name: str, k: int | None) -> str:
     return name if k is None else f"{name} (K={k})"
 
 
-def _cell_name(key: PaperKey, cell: Cell) -> str:
+def _cell_name(key: PaperKey, cell: Cell, unit: str = "steps") -> str:
     scale = "" if cell.scale is None else f" (s={cell.scale:g})"
-    return f"{_series_name(key.series, key.n_components)} at {key.steps} steps{scale}"
+    return f"{_series_name(key.series, key.n_components)} at {key.steps} {unit}{scale}"
 
 
 def _paper_cell(cell: Cell, is_best: bool, flagged: bool = False) -> str:
@@ -759,6 +833,7 @@ def _paper_cell(cell: Cell, is_best: bool, flagged: bool = False) -> str:
     if is_best:
         text = f"**{text}**"
     text = text if cell.scale is None else f"{text} (s={cell.scale:g})"
+    text = text if cell.ran is None else f"{text} [{cell.ran} NFE]"  # the budget's steps made fewer calls
     return f"{text} | {cell.n}{MISSING_MARK if flagged else ''}"
 
 
@@ -779,7 +854,7 @@ def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
 
     cells = best_scale_cells(rows, metric)
     settings = sorted({k.setting for k in cells})
-    etas = sorted({k.eta for k in cells})
+    etas = sorted({eta for setting in settings for eta in _etas(cells, setting)}, key=_seed_order)
     order = {paper_series(r): (r.get("model") or "", _variant_key(r.get("variant") or "DDIM")) for r in rows}
     series = sorted({(k.series, k.n_components) for k in cells}, key=lambda v: (order.get(v[0], ()), v[0], v[1] or 0))
     steps = sorted({key.steps for key in cells})
@@ -792,10 +867,10 @@ def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     )
     for r, setting in enumerate(settings):
         for c, eta in enumerate(etas):
-            _paper_panel(axes[r][c], cells, (setting, eta), series, steps, metric)
+            _paper_panel(axes[r][c], cells, (setting, eta), series, steps, metric, x_unit(rows))
     seeds = max((cell.n for cell in cells.values()), default=1)
     spread = "mean ± std over seeds (bars)" if seeds > 1 else "one seed"
-    fig.suptitle(f"{metric}, best s per step count; {spread}", fontsize=10)
+    fig.suptitle(f"{metric}, best s per {'step count' if x_unit(rows) == 'steps' else 'NFE'}; {spread}", fontsize=10)
     bottom = legend_height / fig.get_figheight()  # room for the legend, right under the panels
     fig.tight_layout(rect=(0, bottom, 1, 1))
     _figure_legend(fig, axes.flat, names, loc="upper center", bbox_to_anchor=(0.5, bottom), ncol=ncol, fontsize=8)
@@ -804,13 +879,17 @@ def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
 
 
 def _paper_panel(
-    ax: Any, cells: dict[PaperKey, Cell], table: tuple, series: list[tuple], steps: list, metric: str
+    ax: Any, cells: dict[PaperKey, Cell], table: tuple, series: list[tuple], steps: list, metric: str, unit: str
 ) -> None:
     import matplotlib.pyplot as plt
 
     markers = "osD^v<>pPX*h"
     for j, (name, k) in enumerate(series):
-        points = sorted((key.steps, cell) for key, cell in cells.items() if key[:4] == (*table, name, k))
+        points = sorted(
+            (key.steps, cell)
+            for key, cell in cells.items()
+            if _in_table(key, *table) and (key.series, key.n_components) == (name, k)
+        )
         if not points:
             continue
         ax.errorbar(
@@ -826,8 +905,8 @@ def _paper_panel(
     ax.set_xticks(steps, [str(st) for st in steps])
     ax.minorticks_off()
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-    ax.set_title(f"{table[0]}, eta = {table[1]}", fontsize=9)
-    ax.set_xlabel("steps")
+    ax.set_title(_table_title(*table), fontsize=9)
+    ax.set_xlabel(unit)
     ax.set_ylabel(f"{metric} ({better_direction(metric)})")
     ax.grid(alpha=0.3)
 
@@ -839,8 +918,9 @@ class SummaryCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = config.hydra.sweep.dir
         metric = OmegaConf.select(config, "summary.metric", default=None)  # older configs have no summary node
+        x = OmegaConf.select(config, "summary.x", default=None)
         try:
-            written = write_summary(sweep_dir, metric=metric)
+            written = write_summary(sweep_dir, metric=metric, x=x)
         except ConfigError as err:  # the jobs' results are kept: say how to summarise them
             log.error("no sweep summary: %s (python scripts/summarize.py %s --metric NAME)", err, sweep_dir)
             return
