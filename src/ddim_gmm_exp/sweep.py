@@ -898,13 +898,18 @@ def _paper_panel(
             yerr=[p[1].std or 0.0 for p in points],
             marker=markers[j % len(markers)],
             capsize=3,
-            color=plt.cm.tab10(j % 10),
+            # tab10 while it lasts, tab20 beyond ten series (13 samplers), so no two lines share a colour
+            color=plt.cm.tab10(j % 10) if len(series) <= 10 else plt.cm.tab20(j % 20),
             label=_series_name(name, k),
         )
     ax.set_xscale("log")
     ax.set_xticks(steps, [str(st) for st in steps])
+    means = [c.mean for key, c in cells.items() if _in_table(key, *table)]
+    if means and min(means) > 0 and max(means) > 20 * min(means):  # a failing sampler would flatten the rest
+        ax.set_yscale("log")
     ax.minorticks_off()
-    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_title(_table_title(*table), fontsize=9)
     ax.set_xlabel(unit)
     ax.set_ylabel(f"{metric} ({better_direction(metric)})")
