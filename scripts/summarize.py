@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from ddim_gmm_exp.errors import ConfigError
-from ddim_gmm_exp.sweep import write_summary
+from ddim_gmm_exp.sweep import X_AXES, write_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--x",
         default=None,
-        choices=["steps", "nfe"],
+        choices=X_AXES,
         help="the x axis (default: NFE where the jobs had an NFE budget or differ in calls per step, else steps)",
     )
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ from ddim_gmm_exp.samplers import (
     uses_spacing,
 )
 from ddim_gmm_exp.sampling import PREDICTION_TYPES, X0_HANDLINGS
-from ddim_gmm_exp.sweep import X_AXES as SUMMARY_X_AXES
+from ddim_gmm_exp.sweep import check_x_axis
 
 SPACINGS = ("leading", "trailing", "linspace")
 FID_FEATURES = (None, "model", "inception")
@@ -210,9 +210,7 @@ def check_variant(spec: RunSpec) -> None:
 
 def check_summary_axis(spec: RunSpec) -> None:
     """summary.x is read only when the sweep ends: a bad value is refused before its jobs sample."""
-    x = spec.output.summary_x
-    if x is not None and x not in SUMMARY_X_AXES:
-        raise ConfigError(f"summary.x={x!r} is not allowed: choose one of {', '.join(SUMMARY_X_AXES)} or null")
+    check_x_axis(spec.output.summary_x)
 
 
 def check_trainer(spec: RunSpec) -> None:

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ddim_gmm_exp.config import calls_per_evaluation
 from ddim_gmm_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -117,12 +118,17 @@ def collect_results(sweep_dir: Path, x: str | None = None) -> list[dict[str, Any
     return rows
 
 
+def check_x_axis(x: Any) -> None:
+    """summary.x is steps, nfe or null (runs check it before sampling, the summaries again)."""
+    if x is not None and x not in X_AXES:
+        raise ConfigError(f"summary.x={x!r} is not allowed: choose one of {', '.join(X_AXES)} or null")
+
+
 def x_axis(rows: list[dict[str, Any]], requested: str | None = None) -> str:
     """What the summaries put on x (summary.x): "steps" or "nfe"; None: NFE when the jobs had an
     NFE budget (nfe=N) or their samplers differ in model evaluations per step, else steps."""
     if requested is not None:
-        if requested not in X_AXES:
-            raise ConfigError(f"summary.x={requested!r} is not allowed: choose one of {', '.join(X_AXES)} or null")
+        check_x_axis(requested)
         if requested == "nfe" and any(row.get("nfe") is None for row in rows):
             raise ConfigError("summary.x='nfe' needs nfe in every results.json (older runs lack it): use steps")
         return requested
@@ -135,8 +141,8 @@ def x_axis(rows: list[dict[str, Any]], requested: str | None = None) -> str:
 
 
 def _calls_per_evaluation(row: dict[str, Any]) -> int:
-    guided = row.get("conditional") is not False and row.get("guidance_scale") not in (None, 0, 0.0, 1, 1.0)
-    return 2 if guided else 1
+    # older rows may lack "conditional": a guided scale on them counts as guided, as the run did
+    return calls_per_evaluation(row.get("guidance_scale") or 1.0, row.get("conditional") is not False)
 
 
 def x_value(row: dict[str, Any]) -> Any:
