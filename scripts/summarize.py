@@ -3,6 +3,7 @@
 python scripts/summarize.py multirun/sample/2026-11-27_09-00-00
 python scripts/summarize.py multirun/sample/2026-11-27_09-00-00 --metric classifier_confidence
 python scripts/summarize.py multirun/sample/2026-11-27_09-00-00 --x steps
+python scripts/summarize.py multirun/sample/2026-11-27_09-00-00 --reference ORTHO --select-on 0
 """
 
 import argparse
@@ -27,10 +28,26 @@ def main(argv: list[str] | None = None) -> int:
         choices=X_AXES,
         help="the x axis (default: NFE where the jobs had an NFE budget or differ in calls per step, else steps)",
     )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="NAME",
+        help="the variant or series every other is compared with, paired by seed (default: DDIM, or RFIM for flows)",
+    )
+    parser.add_argument(
+        "--select-on",
+        default=None,
+        nargs="+",
+        type=int,
+        metavar="SEED",
+        help="choose paper.md's scale s on these data.seed values and report the other seeds only",
+    )
     args = parser.parse_args(argv)
     try:
-        written = write_summary(args.sweep_dir, metric=args.metric, x=args.x)
-    except ConfigError as err:  # an unknown --metric (or nfe asked of old runs): one line naming the ones there are
+        written = write_summary(
+            args.sweep_dir, metric=args.metric, x=args.x, reference=args.reference, select_on=args.select_on
+        )
+    except ConfigError as err:  # an unknown --metric, --reference or seed: one line naming the ones there are
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not written:

@@ -131,6 +131,6 @@ def test_the_callback_reads_summary_metric_and_old_configs_still_work(tmp_path, 
     assert [r.levelno for r in caplog.records if "'nope'" in r.getMessage()] == [logging.ERROR]
 
 
-def test_config_has_summary_metric_and_x_settings_defaulting_to_null():
+def test_config_has_summary_settings_defaulting_to_null():
     config = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
-    assert config["summary"] == {"metric": None, "x": None}
+    assert config["summary"] == {"metric": None, "x": None, "reference": None, "select_on": None}

@@ -27,14 +27,18 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ddim_gmm_exp.config import calls_per_evaluation
 from ddim_gmm_exp.errors import ConfigError
+
+if TYPE_CHECKING:  # pandas and scipy load where a summary is written, not where a run starts
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +385,12 @@ def _seed_list(seeds: Iterable[Any]) -> str:
     return ", ".join(str(s) for s in sorted(seeds, key=_seed_order))
 
 
+def _seeds_text(seeds: Iterable[Any]) -> str:
+    """ "seed 0" or "seeds 1, 2"."""
+    seeds = list(seeds)
+    return f"seed{'s' if len(seeds) > 1 else ''} {_seed_list(seeds)}"
+
+
 def missing_seeds(cells: dict[Any, set]) -> dict[Any, set]:
     """cell -> the seeds it lacks that another cell of its table has (for the cells that lack any):
     such a cell has fewer seeds than the table's most complete one, or other seeds than it."""
@@ -404,11 +414,20 @@ def aggregate(rows: list[dict[str, Any]], metric: str) -> dict[str, list[tuple[A
     return dict(series)
 
 
-def write_summary(sweep_dir: str | Path, metric: str | None = None, x: str | None = None) -> list[Path]:
+def write_summary(
+    sweep_dir: str | Path,
+    metric: str | None = None,
+    x: str | None = None,
+    reference: str | None = None,
+    select_on: Any = None,
+) -> list[Path]:
     """summary.csv, summary.md and summary.png in sweep_dir, and for a sweep with GMM (or control)
     jobs paper.md and paper.png on ``metric`` (None: the first FID-like one); returns their paths.
-    ``x`` is the x axis (summary.x: steps, nfe; None: x_axis decides). An unknown metric or axis
-    raises ConfigError before anything is written."""
+    ``x`` is the x axis (summary.x: steps, nfe; None: x_axis decides). The tables give each series'
+    paired difference from ``reference`` (summary.reference; None: DDIM or RFIM); ``select_on``
+    (summary.select_on: seeds) chooses paper.md's s on those seeds and reports the others. An
+    unknown metric, axis, reference or selection seed raises ConfigError before anything is written."""
+    check_summary_options(reference, select_on)
     sweep_dir = Path(sweep_dir)
     rows = collect_results(sweep_dir, x)
     if not rows:
@@ -416,20 +435,24 @@ def write_summary(sweep_dir: str | Path, metric: str | None = None, x: str | Non
         return []
     metrics = metric_names(rows)
     primary = primary_metric(metrics, metric)
+    selection = check_summary_options(reference, select_on, sweep_seeds(rows))
+    paired = find_reference(rows, reference)
     notes = duplicate_notes(rows)
     for note in notes:
         log.warning("duplicate jobs: %s", note)
     write_csv(rows, metrics, sweep_dir / "summary.csv")
-    (sweep_dir / "summary.md").write_text(summary_markdown(rows, metrics))
+    (sweep_dir / "summary.md").write_text(summary_markdown(rows, metrics, paired))
     plot_summary(rows, metrics, sweep_dir / "summary.png")
     written = [sweep_dir / name for name in ("summary.csv", "summary.md", "summary.png")]
     if any(row.get("gmm_scale") is not None for row in rows):  # a GMM or a control in the sweep
         fallback = metric_fallback(metrics, metric)
         if fallback:
             log.warning("%s", fallback)
-        (sweep_dir / "paper.md").write_text(paper_markdown(rows, primary, fallback))
-        plot_paper(rows, primary, sweep_dir / "paper.png")
+        (sweep_dir / "paper.md").write_text(paper_markdown(rows, primary, fallback, paired, selection))
+        plot_paper(rows, primary, sweep_dir / "paper.png", selection)
         written += [sweep_dir / "paper.md", sweep_dir / "paper.png"]
+    elif selection is not None:
+        log.warning("summary.select_on chooses paper.md's scale s: this sweep has no GMM or control job, no paper.md")
     return written
 
 
@@ -458,9 +481,10 @@ def write_csv(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
             writer.writerow(row | {k: recorded.get(k) for k in settings})
 
 
-def summary_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
-    """One table per metric (series x steps, mean +- std over seeds, n seeds), the variance
-    account, then every metric in one table; repeated seeds are named at the end."""
+def summary_markdown(rows: list[dict[str, Any]], metrics: list[str], reference: Reference | None = None) -> str:
+    """One table per metric (series x steps, mean +- std over seeds, n seeds), each followed by the
+    series' paired differences from the ``reference`` (difference_markdown), the variance account,
+    then every metric in one table; repeated seeds are named at the end."""
     account = ""
     if any(_is_number(r.get("extra_per_dim")) for r in rows):
         account = (
@@ -468,7 +492,8 @@ def summary_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
             "DDIM's Gaussian, per coordinate, mean over steps (measured on the samples' own steps).\n\n"
             + pivot_markdown(rows, "extra_per_dim").replace("lower is better; ", "")
         )
-    text = "\n".join(pivot_markdown(rows, m) for m in metrics) + "\n" + account + "\n" + long_markdown(rows, metrics)
+    tables = [pivot_markdown(rows, m) + (difference_markdown(rows, m, reference) if reference else "") for m in metrics]
+    text = "\n".join(tables) + "\n" + account + "\n" + long_markdown(rows, metrics)
     return text + _duplicates_markdown(rows)
 
 
@@ -538,11 +563,25 @@ def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-HIGHER_IS_BETTER = ("accuracy", "modes_covered", "entropy", "confidence", "clip", "inception_score", "precision")
+# a metric whose name holds one of these is higher-is-better; every other (FID, KID and kid_std,
+# distances) lower-is-better
+HIGHER_IS_BETTER = (
+    "accuracy",
+    "modes_covered",
+    "entropy",
+    "confidence",
+    "clip",
+    "inception_score",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+)
 
 
 def better_direction(metric: str) -> str:
-    """'higher is better' for accuracies, coverage, CLIP and IS; 'lower is better' for distances."""
+    """'higher is better' for accuracies, precision, recall, density, coverage, CLIP and IS;
+    'lower is better' for distances (FID, KID)."""
     return "higher is better" if any(k in metric.lower() for k in HIGHER_IS_BETTER) else "lower is better"
 
 
@@ -725,21 +764,40 @@ class Cell(NamedTuple):
     seeds: tuple
     note: str = ""  # how the seeds were chosen, when not the usual way
     ran: Any = None  # at equal NFE: the evaluations the jobs made, where fewer than the column's budget
+    values: tuple = ()  # the value at each of ``seeds``, in that order (for paired differences)
 
 
-def best_scale_cells(rows: list[dict[str, Any]], metric: str) -> dict[PaperKey, Cell]:
-    """(setting, eta, series, K, steps) -> Cell: the best s per cell in the metric's direction,
-    every s compared on the seeds they all have (the paper reports the best s per cell)."""
+def paper_key(row: dict[str, Any]) -> PaperKey:
+    """The paper cell a row belongs to: (setting, eta, series, K, x)."""
+    return PaperKey(setting_label(row), row["eta"], paper_series(row), row.get("n_components"), x_value(row))
+
+
+def scale_candidates(rows: list[dict[str, Any]], metric: str) -> dict[PaperKey, dict[Any, dict[Any, float]]]:
+    """paper cell -> s -> {seed: value} over the counted jobs that have the metric."""
     by_scale: dict[PaperKey, dict[Any, dict[Any, float]]] = defaultdict(lambda: defaultdict(dict))
-    ran: dict[PaperKey, set] = defaultdict(set)
     for row in counted(rows):
         if _is_number(row.get(metric)):
-            key = PaperKey(setting_label(row), row["eta"], paper_series(row), row.get("n_components"), x_value(row))
-            by_scale[key][row.get("gmm_scale")][_hashable(row.get("seed"))] = float(row[metric])
-            if row.get("nfe_budget") is not None and row.get("nfe") != x_value(row):
-                ran[key].add(row.get("nfe"))
-    cells = {key: _best_scale(candidates, metric) for key, candidates in by_scale.items()}
-    return {key: cell._replace(ran=_seed_list(ran[key]) if ran[key] else None) for key, cell in cells.items()}
+            by_scale[paper_key(row)][row.get("gmm_scale")][_hashable(row.get("seed"))] = float(row[metric])
+    return by_scale
+
+
+def best_scale_cells(
+    rows: list[dict[str, Any]], metric: str, select_on: Iterable[Any] | None = None
+) -> dict[PaperKey, Cell]:
+    """(setting, eta, series, K, steps) -> Cell: the best s per cell in the metric's direction,
+    every s compared on the seeds they all have (the paper reports the best s per cell). With
+    ``select_on`` (summary.select_on) s is chosen on those seeds and the cell reports the other
+    seeds only; a cell that cannot be chosen so (unreported_cells says why) is left out."""
+    ran: dict[PaperKey, set] = defaultdict(set)
+    for row in counted(rows):
+        if _is_number(row.get(metric)) and row.get("nfe_budget") is not None and row.get("nfe") != x_value(row):
+            ran[paper_key(row)].add(row.get("nfe"))
+    cells: dict[PaperKey, Cell] = {}
+    for key, candidates in scale_candidates(rows, metric).items():
+        cell = _best_scale(candidates, metric) if select_on is None else _held_out_cell(candidates, metric, select_on)
+        if cell is not None:
+            cells[key] = cell._replace(ran=_seed_list(ran[key]) if ran[key] else None)
+    return cells
 
 
 def _etas(keys: Iterable[PaperKey], setting: str) -> list[Any]:
@@ -765,32 +823,218 @@ def _best_scale(candidates: dict[Any, dict[Any, float]], metric: str) -> Cell:
     for scale in sorted(candidates, key=_seed_order):
         seeds = sorted(shared or candidates[scale], key=_seed_order)
         values = [candidates[scale][s] for s in seeds]
-        cells.append(Cell(_mean(values), _std(values), scale, len(values), tuple(seeds), note))
+        cells.append(Cell(_mean(values), _std(values), scale, len(values), tuple(seeds), note, values=tuple(values)))
     best = best_value((c.mean for c in cells), metric)
     return next(c for c in cells if c.mean == best)  # the smallest s among equals
 
 
-def paper_markdown(rows: list[dict[str, Any]], metric: str, fallback: str = "") -> str:
+def _held_out_cell(candidates: dict[Any, dict[Any, float]], metric: str, select_on: Iterable[Any]) -> Cell | None:
+    """summary.select_on: s chosen on the selection seeds (as _best_scale does on all of them), its
+    values on the other (held-out) seeds; None where no s ran a selection seed or the chosen s ran
+    no held-out seed. A cell of one s (DDIM, a baseline) has nothing to choose: its held-out seeds."""
+    selection = set(select_on)
+    scale, note = next(iter(candidates)), ""
+    if len(candidates) > 1:
+        on_selection = {s: {k: v for k, v in by_seed.items() if k in selection} for s, by_seed in candidates.items()}
+        on_selection = {s: by_seed for s, by_seed in on_selection.items() if by_seed}
+        if not on_selection:
+            return None
+        chosen = _best_scale(on_selection, metric)
+        scale = chosen.scale
+        unchosen = [f"s={s:g}" for s in sorted(candidates, key=_seed_order) if s not in on_selection]
+        notes = [f"choosing s: {chosen.note}"] if chosen.note else []
+        notes += [f"{', '.join(unchosen)} ran no selection seed: not a candidate"] if unchosen else []
+        note = "; ".join(notes)
+    held = {k: v for k, v in candidates[scale].items() if k not in selection}
+    if not held:
+        return None
+    seeds = sorted(held, key=_seed_order)
+    values = [held[k] for k in seeds]
+    return Cell(_mean(values), _std(values), scale, len(values), tuple(seeds), note, values=tuple(values))
+
+
+def unreported_cells(rows: list[dict[str, Any]], metric: str, select_on: Iterable[Any]) -> dict[PaperKey, str]:
+    """The cells best_scale_cells leaves out under summary.select_on, each with why."""
+    selection = set(select_on)
+    reasons = {}
+    for key, candidates in scale_candidates(rows, metric).items():
+        if _held_out_cell(candidates, metric, selection) is not None:
+            continue
+        if len(candidates) == 1:
+            reasons[key] = "it ran no held-out seed"
+        elif not any(selection & set(by_seed) for by_seed in candidates.values()):
+            reasons[key] = f"no s of it ran a selection seed ({_seed_list(selection)})"
+        else:
+            reasons[key] = "the s chosen on the selection seeds ran no held-out seed"
+    return reasons
+
+
+def selection_effects(
+    rows: list[dict[str, Any]], metric: str, select_on: Iterable[Any], cells: dict[PaperKey, Cell]
+) -> dict[PaperKey, float]:
+    """Per cell of more than one s, on the held-out seeds that every s of it has: how much better
+    (in the metric's direction, so >= 0) the grid's best s scores there than the s chosen on the
+    selection seeds (``cells``, best_scale_cells with select_on) does. It is what choosing s on the
+    reported seeds themselves would flatter the cell by."""
+    selection = set(select_on)
+    effects = {}
+    for key, candidates in scale_candidates(rows, metric).items():
+        held = {s: {k: v for k, v in by_seed.items() if k not in selection} for s, by_seed in candidates.items()}
+        held = {s: by_seed for s, by_seed in held.items() if by_seed}
+        if key not in cells or len(held) < 2 or cells[key].scale not in held:
+            continue
+        shared = sorted(set.intersection(*(set(by_seed) for by_seed in held.values())), key=_seed_order)
+        if shared:
+            means = {s: _mean([by_seed[k] for k in shared]) for s, by_seed in held.items()}
+            effects[key] = abs(best_value(means.values(), metric) - means[cells[key].scale])
+    return effects
+
+
+def paper_markdown(
+    rows: list[dict[str, Any]],
+    metric: str,
+    fallback: str = "",
+    reference: Reference | None = None,
+    select_on: Iterable[Any] | None = None,
+) -> str:
     """One table per (guidance setting, eta): variants x steps, "mean ± std (s=best)" and n seeds,
-    the best of each column in bold; cells that lack a seed another cell has are marked."""
-    cells = best_scale_cells(rows, metric)
+    the best of each column in bold; cells that lack a seed another cell has are marked. With a
+    ``reference``, each table is followed by every variant's paired difference from it; with
+    ``select_on`` (summary.select_on) s is chosen on those seeds, everything is reported on the
+    others, and the selection effect (selection_effects) closes the page."""
+    cells = best_scale_cells(rows, metric, select_on)
     seeds = max((c.n for c in cells.values()), default=1)
     spread = "mean ± std over seeds" if seeds > 1 else "one seed"
+    chosen = "chosen on the seeds every s of the cell has" if select_on is None else "chosen on the selection seeds"
     lines = [
         f"# {metric}, {better_direction(metric)} ({spread}; best scale s per cell, as the paper reports, "
-        "chosen on the seeds every s of the cell has; n: seeds)",
+        f"{chosen}; n: seeds)",
         "",
     ]
+    if select_on is not None:
+        held_out = sweep_seeds(rows) - set(select_on)
+        lines += [
+            f"Scale s chosen on {_seeds_text(select_on)} (summary.select_on); every value, n and difference "
+            f"below is over the held-out {_seeds_text(held_out)} only.",
+            "",
+        ]
     if fallback:
         lines += [fallback, ""]
     order = {paper_series(r): (r.get("model") or "", _variant_key(r.get("variant") or "DDIM")) for r in rows}
+    differences = _paper_difference_stats(rows, metric, cells, reference, select_on)
     for setting in sorted({k.setting for k in cells}):
         for eta in _etas(cells, setting):
             table = {k: c for k, c in cells.items() if _in_table(k, setting, eta)}
             lines += _paper_table(table, metric, order, (setting, eta), x_unit(rows))
+            lines += _paper_difference_block(differences, table, metric, order, (setting, eta), x_unit(rows))
+    if select_on is not None:
+        lines += _selection_markdown(rows, metric, select_on, cells, order)
     notes = duplicate_notes(rows)
     lines += ["Repeated seeds (each counted once): " + "; ".join(notes), ""] if notes else []
     return "\n".join(lines)
+
+
+def _paper_difference_stats(
+    rows: list[dict[str, Any]],
+    metric: str,
+    cells: dict[PaperKey, Cell],
+    reference: Reference | None,
+    select_on: Iterable[Any] | None,
+) -> pd.DataFrame | None:
+    if reference is None:
+        return None
+    reference_cells = best_scale_cells([r for r in rows if r["job"] in reference.jobs], metric, select_on)
+    frame = paper_differences(rows, cells, reference_cells)
+    return None if frame.empty else difference_stats(frame)
+
+
+def _paper_order(table: dict[PaperKey, Cell], order: dict[str, tuple]) -> dict[str, tuple]:
+    """A row name of the paper's tables (variant and K) -> its place (as _paper_table sorts them)."""
+    return {
+        _series_name(k.series, k.n_components): (order.get(k.series, ()), k.series, k.n_components or 0) for k in table
+    }
+
+
+def _paper_difference_block(
+    stats: pd.DataFrame | None,
+    table: dict[PaperKey, Cell],
+    metric: str,
+    order: dict[str, tuple],
+    where: tuple,
+    unit: str,
+) -> list[str]:
+    """The paired differences of one paper table's variants from their reference, as a table."""
+    title = _table_title(*where)
+    if stats is None or not (stats["table"] == title).any():
+        return []
+    rank = _paper_order(table, order)
+    markdown = difference_table(
+        stats[stats["table"] == title],
+        unit,
+        "{:+.3f}",
+        "{:.3f}",
+        order=lambda k: (rank.get(k[0], ()), k[0], k[1]),
+        name="sampler",
+    )
+    return [
+        f"**{title}: {metric} minus the reference, paired by seed** ({difference_header(metric, 'variant')})",
+        "",
+        markdown,
+        "",
+    ]
+
+
+def _selection_markdown(
+    rows: list[dict[str, Any]],
+    metric: str,
+    select_on: Iterable[Any],
+    cells: dict[PaperKey, Cell],
+    order: dict[str, tuple],
+) -> list[str]:
+    """summary.select_on: the cells it leaves out, and the selection effect per cell and its mean."""
+    import pandas as pd
+
+    unit = x_unit(rows)
+    lines = []
+    left_out = unreported_cells(rows, metric, select_on)
+    if left_out:
+        notes = [
+            f"{_series_name(k.series, k.n_components)} at {k.steps} {unit} ({k.setting}): {why}"
+            for k, why in sorted(
+                left_out.items(), key=lambda kv: (kv[0].setting, order.get(kv[0].series, ()), kv[0].series)
+            )
+        ]
+        lines += ["Not reported (summary.select_on): " + "; ".join(notes), ""]
+    effects = selection_effects(rows, metric, select_on, cells)
+    title = (
+        f"**Selection effect** ({metric}): per cell of more than one s, on the held-out seeds every s of it ran, "
+        f"how much better the best s of the grid scores than the s chosen on {_seeds_text(select_on)} "
+        f"({better_direction(metric)}, so >= 0; 0: the selection seeds chose the held-out best). Choosing s on "
+        "the reported seeds themselves (the tables without summary.select_on) flatters a cell by this much."
+    )
+    if not effects:
+        return [*lines, title, "", "No cell has more than one s with held-out seeds.", ""]
+    frame = pd.DataFrame.from_records(
+        [
+            dict(
+                table=_table_title(k.setting, k.eta), series=_series_name(k.series, k.n_components), x=k.steps, effect=e
+            )
+            for k, e in effects.items()
+        ]
+    )
+    largest = frame.loc[frame["effect"].idxmax()]
+    summary = (
+        f"Mean over {len(frame)} cell{'s' if len(frame) > 1 else ''}: {frame['effect'].mean():.3f}; "
+        f"largest {largest['effect']:.3f} "
+        f"({largest['series']} at {largest['x']} {unit}, {largest['table']})."
+    )
+    wide = frame.assign(effect=frame["effect"].map("{:.3f}".format)).pivot(
+        index=["table", "series"], columns="x", values="effect"
+    )
+    rank = _paper_order(cells, order)
+    wide = wide.loc[sorted(wide.index, key=lambda k: (k[0], rank.get(k[1], ()), k[1]))]
+    wide = wide.rename(columns=lambda x: f"{x} {unit}").fillna("").reset_index().rename(columns={"series": "sampler"})
+    return [*lines, title, "", summary, "", wide.to_markdown(index=False, disable_numparse=True), ""]
 
 
 def _paper_table(
@@ -850,15 +1094,16 @@ def legend_columns(names: list[str], width_inches: float) -> int:
     return max(1, min(len(names), 4, int(width_inches / (0.075 * longest + 0.6))))
 
 
-def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path, select_on: Iterable[Any] | None = None) -> None:
     """The paper's Fig. 1 layout: metric against steps, one panel per eta (one row per guidance
-    setting), one line per variant at its best s for each step count, bars ± std over seeds."""
+    setting), one line per variant at its best s for each step count, bars ± std over seeds (with
+    ``select_on``: s chosen on those seeds, the other seeds shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = best_scale_cells(rows, metric)
+    cells = best_scale_cells(rows, metric, select_on)
     settings = sorted({k.setting for k in cells})
     etas = sorted({eta for setting in settings for eta in _etas(cells, setting)}, key=_seed_order)
     order = {paper_series(r): (r.get("model") or "", _variant_key(r.get("variant") or "DDIM")) for r in rows}
@@ -876,6 +1121,9 @@ def plot_paper(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
             _paper_panel(axes[r][c], cells, (setting, eta), series, steps, metric, x_unit(rows))
     seeds = max((cell.n for cell in cells.values()), default=1)
     spread = "mean ± std over seeds (bars)" if seeds > 1 else "one seed"
+    if select_on is not None:
+        held_out = sweep_seeds(rows) - set(select_on)
+        spread += f"; s chosen on {_seeds_text(select_on)}, shown on {_seeds_text(held_out)}"
     fig.suptitle(f"{metric}, best s per {'step count' if x_unit(rows) == 'steps' else 'NFE'}; {spread}", fontsize=10)
     bottom = legend_height / fig.get_figheight()  # room for the legend, right under the panels
     fig.tight_layout(rect=(0, bottom, 1, 1))
@@ -922,18 +1170,307 @@ def _paper_panel(
     ax.grid(alpha=0.3)
 
 
+# ----------------------------------------------------------------------------------- paired differences
+
+# summary.reference null: DDIM in a diffusion sweep, RFIM in a flow sweep (each job is paired with
+# a reference of its own model, so a directory holding both gets both)
+DEFAULT_REFERENCES = ("DDIM", "RFIM")
+# the percentile bootstrap: BCa needs the jackknife's spread, which 2-3 equal differences lack
+# (scipy returns nan there); with n <= 3 seeds the percentile interval is the differences' range
+BOOTSTRAP_METHOD = "percentile"
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_SEED = 0  # a fresh generator per interval: the same results always give the same summary
+CONFIDENCE_LEVEL = 0.95
+EXCLUDES_ZERO_MARK = "*"
+
+
+class Reference(NamedTuple):
+    """What each series is compared with: its name (summary.reference, or the default's variants)
+    and the jobs that are the reference."""
+
+    name: str
+    jobs: frozenset
+
+
+def check_summary_options(reference: Any, select_on: Any, seeds: Iterable[Any] | None = None) -> tuple | None:
+    """summary.reference is a variant or series name, or null; summary.select_on is null, a seed,
+    or a non-empty list of seeds. Given ``seeds`` (the sweep's data.seed values), every selection
+    seed must be one of them and one seed at least must be left to report. Returns the selection
+    seeds as a tuple (None for null); a bad value raises ConfigError, one line naming it."""
+    if reference is not None and (not isinstance(reference, str) or not reference.strip()):
+        raise ConfigError(
+            f"summary.reference={reference!r} is not allowed: a variant or series name (DDIM, RFIM, ORTHO, ...) or null"
+        )
+    if select_on is None:
+        return None
+    selection = tuple(select_on) if isinstance(select_on, list | tuple | ListConfig) else (select_on,)
+    if not selection or not all(isinstance(s, int) and not isinstance(s, bool) for s in selection):
+        raise ConfigError(
+            f"summary.select_on={_option_text(select_on)} is not allowed: a list of data.seed values "
+            "(e.g. [0]) that choose s, or null"
+        )
+    if seeds is not None:
+        every = set(seeds)
+        unknown = [s for s in selection if s not in every]
+        if unknown:
+            raise ConfigError(
+                f"summary.select_on: seed {_seed_list(unknown)} is not a seed of this sweep (its seeds: "
+                f"{_seed_list(every)})"
+            )
+        if every <= set(selection):
+            raise ConfigError(
+                f"summary.select_on={_option_text(select_on)} holds every seed of this sweep ({_seed_list(every)}): "
+                "no seed would be left to report; leave one out at least"
+            )
+    return tuple(sorted(set(selection), key=_seed_order))
+
+
+def _option_text(value: Any) -> str:
+    return json.dumps(list(value)) if isinstance(value, list | tuple | ListConfig) else repr(value)
+
+
+def sweep_seeds(rows: list[dict[str, Any]]) -> set:
+    """Every data.seed the sweep's counted jobs ran."""
+    return {_hashable(row.get("seed")) for row in counted(rows)}
+
+
+def _variant(row: dict[str, Any]) -> str:
+    return str(row.get("variant") or "DDIM")  # as the paper names it (_paper_name)
+
+
+def find_reference(rows: list[dict[str, Any]], reference: str | None = None) -> Reference | None:
+    """The reference jobs: those whose variant (any case), summary series or paper series is
+    ``reference`` (summary.reference, --reference); None: DDIM and RFIM jobs. A named reference
+    the sweep lacks is refused (ConfigError naming the variants and series there are); a sweep
+    without the default one gets None and one log line."""
+    if reference is None:
+        names = [name for name in DEFAULT_REFERENCES if any(_variant(r) == name for r in rows)]
+        if not names:
+            log.warning(
+                "no paired differences: this sweep has no %s job (summary.reference or --reference names another "
+                "reference)",
+                " or ".join(DEFAULT_REFERENCES),
+            )
+            return None
+        return Reference(" / ".join(names), frozenset(r["job"] for r in rows if _variant(r) in names))
+    jobs = frozenset(
+        r["job"]
+        for r in rows
+        if _variant(r).casefold() == reference.casefold() or reference in (series_label(r), paper_series(r))
+    )
+    if not jobs:
+        variants = sorted({_variant(r) for r in rows}, key=_variant_key)
+        series = sorted({series_label(r) for r in rows})
+        raise ConfigError(
+            f"summary.reference={reference!r} (--reference) is not a variant or series of this sweep: variants "
+            f"{', '.join(variants)}; series {'; '.join(series)}"
+        )
+    return Reference(reference, jobs)
+
+
+def _is_sampler_setting(key: str) -> bool:
+    """A setting that says which sampler ran (its name, function, scheduler, GMM), not where."""
+    return key in ("variant", "sampler.name", "sampler.function") or key.startswith(("gmm.", "sampler.scheduler"))
+
+
+def same_context(row: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two jobs ran in the same place, so that one can be the other's reference: the same
+    model and guidance setting, and the same value of every setting both record but the seed, x
+    and the sampler's own (_is_sampler_setting); a setting only one of them has (eta for a
+    baseline, the GMM's) does not part them."""
+    if row.get("model") != other.get("model") or setting_label(row) != setting_label(other):
+        return False
+    mine, theirs = row["_settings"], other["_settings"]
+    shared = (mine.keys() & theirs.keys()) - {SEED_KEY, STEPS_KEY, NFE_KEY}
+    return all(_hashable(mine[k]) == _hashable(theirs[k]) for k in shared if not _is_sampler_setting(k))
+
+
+def seed_interval(differences: Iterable[float]) -> tuple[float, float] | None:
+    """The 95% bootstrap interval over seeds of the mean difference (scipy.stats.bootstrap,
+    BOOTSTRAP_METHOD, BOOTSTRAP_RESAMPLES resamples, a generator seeded BOOTSTRAP_SEED; the
+    differences in seed order); None for fewer than two seeds, where there is no spread to resample."""
+    return seed_intervals([list(differences)])[0]
+
+
+def seed_intervals(samples: list[list[float]]) -> list[tuple[float, float] | None]:
+    """seed_interval of each sample, computed in one bootstrap call per sample size: scipy draws
+    the same resample indices for every row of a batch, so each interval is the one seed_interval
+    gives for that sample alone (to the last bit or two of the mean's rounding)."""
+    import numpy as np
+    from scipy import stats
+
+    intervals: list[tuple[float, float] | None] = [None] * len(samples)
+    for size in {len(sample) for sample in samples if len(sample) > 1}:
+        where = [i for i, sample in enumerate(samples) if len(sample) == size]
+        result = stats.bootstrap(
+            (np.asarray([samples[i] for i in where], dtype=float),),
+            np.mean,
+            n_resamples=BOOTSTRAP_RESAMPLES,
+            confidence_level=CONFIDENCE_LEVEL,
+            method=BOOTSTRAP_METHOD,
+            axis=-1,
+            rng=np.random.default_rng(BOOTSTRAP_SEED),
+        )
+        low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
+        for i, lo, hi in zip(where, low, high, strict=True):
+            intervals[i] = (float(lo), float(hi))
+    return intervals
+
+
+def _paired(cell: dict[Any, float], base: dict[Any, float], **where: Any) -> list[dict[str, Any]]:
+    """One record per seed both ran, in seed order: the cell's value minus its reference's (base)."""
+    seeds = sorted(cell.keys() & base.keys(), key=_seed_order)
+    return [where | {"seed": seed, "difference": cell[seed] - base[seed]} for seed in seeds]
+
+
+DIFFERENCE_COLUMNS = ["table", "series", "reference", "x", "seed", "difference"]
+
+
+def summary_differences(rows: list[dict[str, Any]], metric: str, reference: Reference) -> pd.DataFrame:
+    """One record per (series, reference series, x, seed): the series' value minus its reference's
+    at that seed and x, for every series that is not the reference, against each reference series
+    in its context (same_context)."""
+    import pandas as pd
+
+    values = seed_values(rows, metric)
+    first: dict[str, dict[str, Any]] = {}
+    for row in counted(rows):
+        first.setdefault(series_label(row), row)
+    refs = sorted(label for label, row in first.items() if row["job"] in reference.jobs)
+    matches = {label: [r for r in refs if same_context(row, first[r])] for label, row in first.items()}
+    records = []
+    for (label, x), by_seed in sorted(values.items(), key=lambda kv: (kv[0][0], _seed_order(kv[0][1]))):
+        for ref in [] if label in refs else matches[label]:
+            records += _paired(by_seed, values.get((ref, x), {}), table="", series=label, reference=ref, x=x)
+    return pd.DataFrame.from_records(records, columns=DIFFERENCE_COLUMNS)
+
+
+def paper_differences(
+    rows: list[dict[str, Any]], cells: dict[PaperKey, Cell], reference_cells: dict[PaperKey, Cell]
+) -> pd.DataFrame:
+    """One record per (paper table, variant, reference, x, seed): the cell's value (at its chosen s)
+    minus the value of the reference's cell of the same table and x (same_context), at each seed
+    both report."""
+    import pandas as pd
+
+    first: dict[PaperKey, dict[str, Any]] = {}
+    for row in counted(rows):
+        first.setdefault(paper_key(row)._replace(steps=None), row)
+    reference_series = {key._replace(steps=None) for key in reference_cells}
+    tables = [(setting, eta) for setting in sorted({k.setting for k in cells}) for eta in _etas(cells, setting)]
+    records = []
+    for (setting, eta), (key, cell), (ref_key, ref_cell) in product(tables, cells.items(), reference_cells.items()):
+        series, ref_series = key._replace(steps=None), ref_key._replace(steps=None)
+        if key.steps != ref_key.steps or series in reference_series:
+            continue
+        in_table = _in_table(key, setting, eta) and _in_table(ref_key, setting, eta)
+        if in_table and same_context(first[series], first[ref_series]):
+            where = dict(
+                table=_table_title(setting, eta),
+                series=_series_name(key.series, key.n_components),
+                reference=_cell_reference(ref_key, ref_cell),
+                x=key.steps,
+            )
+            records += _paired(_by_seed(cell), _by_seed(ref_cell), **where)
+    return pd.DataFrame.from_records(records, columns=DIFFERENCE_COLUMNS)
+
+
+def _by_seed(cell: Cell) -> dict[Any, float]:
+    return dict(zip(cell.seeds, cell.values, strict=True))
+
+
+def _cell_reference(key: PaperKey, cell: Cell) -> str:
+    return _series_name(key.series, key.n_components) + ("" if cell.scale is None else " (its best s)")
+
+
+def difference_stats(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (table, series, reference, x): mean and std (n - 1) of the per-seed differences, their
+    count n and the bootstrap interval of the mean (seed_interval; None for one seed)."""
+    grouped = frame.groupby(["table", "series", "reference", "x"], sort=False)["difference"]
+    stats = grouped.agg(mean=lambda d: _mean(list(d)), std=lambda d: _std(list(d)), n="count")
+    stats["interval"] = seed_intervals(grouped.agg(list).tolist())
+    return stats.reset_index()
+
+
+def excludes_zero(interval: tuple[float, float] | None) -> bool:
+    return interval is not None and (interval[0] > 0 or interval[1] < 0)
+
+
+def difference_text(mean: float, std: float | None, interval: tuple | None, number: str, spread: str) -> str:
+    """ "mean ± std [low, high]" with * where the interval excludes 0; one seed: "mean (n=1, no interval)"."""
+    if interval is None:
+        return f"{number.format(mean)} (n=1, no interval)"
+    low, high = interval
+    text = f"{number.format(mean)} ± {spread.format(std)} [{number.format(low)}, {number.format(high)}]"
+    return text + (EXCLUDES_ZERO_MARK if excludes_zero(interval) else "")
+
+
+def difference_header(metric: str, what: str) -> str:
+    """What a difference table's cell is, and which sign favours the series."""
+    sign = "positive" if better_direction(metric) == "higher is better" else "negative"
+    return (
+        f"{what} minus its reference on the same seed: mean ± std over seeds "
+        f"[{CONFIDENCE_LEVEL:.0%} {BOOTSTRAP_METHOD} bootstrap interval of the mean over seeds; with 3 seeds or "
+        f"fewer it is the range of the differences]; {EXCLUDES_ZERO_MARK}: the interval excludes 0; n: seeds "
+        f"both ran. For {metric} {better_direction(metric)}: a {sign} difference favours the {what}."
+    )
+
+
+def difference_table(
+    stats: pd.DataFrame, unit: str, number: str, spread: str, order: Callable | None = None, name: str = "series"
+) -> str:
+    """Series x (x, n) as a markdown table (pandas pivot, to_markdown), rows in ``order``, the
+    first column headed ``name``."""
+    import pandas as pd
+
+    cells = stats.assign(
+        text=[difference_text(r.mean, r.std, r.interval, number, spread) for r in stats.itertuples()],
+        n=stats["n"].astype(str),
+    )
+    wide = cells.pivot(index=["series", "reference"], columns="x", values=["text", "n"])
+    xs = sorted(set(cells["x"].tolist()), key=_seed_order)  # tolist: Python numbers, which _seed_order sorts
+    if order is not None:
+        wide = wide.loc[sorted(wide.index, key=order)]
+    columns = [wide[(key, x)].rename(f"{x} {unit}" if key == "text" else "n") for x in xs for key in ("text", "n")]
+    table = pd.concat(columns, axis=1).fillna("").reset_index().rename(columns={"series": name})
+    return table.to_markdown(index=False, disable_numparse=True)
+
+
+def difference_markdown(rows: list[dict[str, Any]], metric: str, reference: Reference) -> str:
+    """summary.md: per series and x, the paired difference from its reference ("" if none pairs)."""
+    frame = summary_differences(rows, metric, reference)
+    if frame.empty:
+        return ""
+    lines = [
+        "",
+        f"**{metric} minus the reference ({reference.name}), paired by seed** ({difference_header(metric, 'series')})",
+        "",
+        difference_table(difference_stats(frame), x_unit(rows), "{:+.4g}", "{:.2g}"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 class SummaryCallback(Callback):
     """Hydra callback: at the end of every multirun, write the sweep's summary files on the
-    primary metric ``summary.metric`` (null: the first FID-like one)."""
+    primary metric ``summary.metric`` (null: the first FID-like one), with the paired differences
+    from ``summary.reference`` and paper.md's s chosen on ``summary.select_on``."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = config.hydra.sweep.dir
         metric = OmegaConf.select(config, "summary.metric", default=None)  # older configs have no summary node
         x = OmegaConf.select(config, "summary.x", default=None)
+        reference = OmegaConf.select(config, "summary.reference", default=None)
+        select_on = OmegaConf.select(config, "summary.select_on", default=None)
         try:
-            written = write_summary(sweep_dir, metric=metric, x=x)
+            written = write_summary(sweep_dir, metric=metric, x=x, reference=reference, select_on=select_on)
         except ConfigError as err:  # the jobs' results are kept: say how to summarise them
-            log.error("no sweep summary: %s (python scripts/summarize.py %s --metric NAME)", err, sweep_dir)
+            log.error(
+                "no sweep summary: %s (python scripts/summarize.py %s [--metric NAME] [--reference NAME] "
+                "[--select-on SEED ...])",
+                err,
+                sweep_dir,
+            )
             return
         if written:
             log.info("sweep summary: %s", ", ".join(str(p) for p in written))
