@@ -14,6 +14,13 @@ s per (variant, x) cell, chosen on the seeds every s of the cell has, next to it
 paper.png, the primary metric (``summary.metric``) against x, one panel per eta, ± std bars. A
 sampler without eta (a baseline) is in every eta table of its guidance; a cell whose budget's
 steps made fewer evaluations than the column says shows them ("[19 NFE]").
+
+Jobs of one data.seed start from the same noise, so both .md files also give each series' (each
+paper cell's) difference from a reference sampler (``summary.reference``; DDIM, or RFIM for flows)
+paired by seed: mean ± std of the per-seed differences and a percentile-bootstrap interval over
+seeds, * where it excludes 0 (pandas groupby/pivot/to_markdown, scipy.stats.bootstrap).
+``summary.select_on`` chooses paper.md's s on some seeds, reports the others and states the
+selection effect. docs/runner.md defines each.
 """
 
 from __future__ import annotations
