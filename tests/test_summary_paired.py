@@ -191,6 +191,7 @@ def test_summary_reference_chooses_another_reference(tmp_path):
     assert (DDIM_LABEL, ORTHO_LABEL.format(0.3)) in table and not any(s.startswith("ddim_gmm") for s, _ in table)
     rows = markdown_table(paper, "**conditional, CFG 2.5, eta = 0.0: fid_digits minus the reference")
     assert rows[("DDIM", "ORTHO (K=8) (its best s)")][0] == expected_text(ddim, "{:+.3f}", "{:.3f}")
+    assert markdowns(tmp_path, reference="ORTHO (K=8)")[1] == paper  # paper.md's row name names it too
     # a series label is a reference too: that s alone
     summary, _ = markdowns(tmp_path, reference=ORTHO_LABEL.format(0.3))
     table = markdown_table(summary, f"**fid_digits minus the reference ({ORTHO_LABEL.format(0.3)})")

@@ -1246,7 +1246,7 @@ def _variant(row: dict[str, Any]) -> str:
 
 
 def find_reference(rows: list[dict[str, Any]], reference: str | None = None) -> Reference | None:
-    """The reference jobs: those whose variant (any case), summary series or paper series is
+    """The reference jobs: those whose variant (any case), summary series or paper.md row name is
     ``reference`` (summary.reference, --reference); None: DDIM and RFIM jobs. A named reference
     the sweep lacks is refused (ConfigError naming the variants and series there are); a sweep
     without the default one gets None and one log line."""
@@ -1263,7 +1263,8 @@ def find_reference(rows: list[dict[str, Any]], reference: str | None = None) -> 
     jobs = frozenset(
         r["job"]
         for r in rows
-        if _variant(r).casefold() == reference.casefold() or reference in (series_label(r), paper_series(r))
+        if _variant(r).casefold() == reference.casefold()
+        or reference in (series_label(r), paper_series(r), _series_name(paper_series(r), r.get("n_components")))
     )
     if not jobs:
         variants = sorted({_variant(r) for r in rows}, key=_variant_key)
