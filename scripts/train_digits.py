@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from ddim_gmm_exp.diffusers import DDIMScheduler
 from ddim_gmm_exp.flow import NUM_TRAIN_TIMESTEPS, sample_rfim
 from ddim_gmm_exp.images import to_uint8
-from ddim_gmm_exp.metrics import MetricSuite, load_reference, make_fid, save_reference, statistics_of
+from ddim_gmm_exp.metrics import MetricSuite, load_reference, reference_of, save_reference
 from ddim_gmm_exp.models.digits import (
     NULL_CLASS,
     NUM_CLASSES,
@@ -260,7 +260,7 @@ def protocol_images(adapter, sample_loop, samples: int, conditional: bool, guida
 def protocol_scores(images_and_labels, classifier_dir: Path) -> dict[str, float]:
     """fid_digits and the classifier's scores, as the runner computes them (metrics.MetricSuite)."""
     suite = MetricSuite(
-        make_fid(DigitFeatures(str(classifier_dir))),
+        DigitFeatures(str(classifier_dir)),
         load_reference(classifier_dir / "reference_stats.npz"),
         fid_name="fid_digits",
         extras={"classifier": classifier_scores_extra(str(classifier_dir))},
@@ -434,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     (unet.half() if args.fp16 else unet).save_pretrained(args.out / "unet")
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
     scheduler.save_pretrained(args.out / "scheduler")
-    mu, sigma = statistics_of(DigitFeatures(str(args.out)), [digits_uint8(images)])
-    save_reference(args.out / "reference_stats.npz", mu, sigma)
+    mu, sigma, features = reference_of(DigitFeatures(str(args.out)), [digits_uint8(images)])
+    save_reference(args.out / "reference_stats.npz", mu, sigma, features=features)
 
     card = {
         "data": "scikit-learn load_digits: 1797 8x8 grayscale digits, 10 classes, scaled to [-1, 1]",
@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
             "held_out_accuracy": accuracy,
             "epochs": args.classifier_epochs,
         },
-        "reference_stats": "mu, sigma of all 1797 real digits in the classifier's 128-d penultimate features",
+        "reference_stats": "mu, sigma and the features (1797 x 128) of all 1797 real digits in the classifier's "
+        "128-d penultimate features",
         "seed": args.seed,
         "command": "python scripts/train_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,

@@ -62,6 +62,18 @@ from ddim_gmm_exp.runner import run
         ),
         (["metrics.fid.reference_samples=1"], "metrics.fid.reference_samples=1 is not allowed: it must be an integer"),
         (["sampler=ddim_gmm", "+gmm.n_component=4"], "gmm.n_component=4 is not a GMM setting: the settings are n_comp"),
+        # precision/recall/density/coverage and KID: their numbers, and settings a run would not use
+        (["metrics.prdc.k=0"], "metrics.prdc.k=0 is not allowed: it must be an integer >= 1"),
+        (["metrics.prdc.max_samples=1"], "metrics.prdc.max_samples=1 is not allowed: it must be an integer >= 2"),
+        (["metrics.kid.subsets=0"], "metrics.kid.subsets=0 is not allowed: it must be an integer >= 1"),
+        (["metrics.kid.subset_size=1"], "metrics.kid.subset_size=1 is not allowed: it must be an integer >= 2"),
+        (["metrics.fid.enabled=false", "metrics.prdc.k=3"], "metrics.prdc.k=3 is set but metrics.fid.enabled=false"),
+        (["metrics.kid.enabled=false", "metrics.kid.subsets=3"], "metrics.kid.subsets=3 is set but metrics.kid"),
+        (["metrics.kid.subset_size=101"], "metrics.kid.subset_size=101 is more than the 100 generated"),
+        (["metrics.prdc.k=100"], "metrics.prdc.k=100 needs more than k samples on each side.*use k <= 99"),
+        # summary settings are read when a sweep ends: refused before its jobs sample
+        (["summary.select_on=[zero]"], r'summary.select_on=\["zero"\] is not allowed: a list of data.seed values'),
+        (["summary.reference=''"], "summary.reference='' is not allowed: a variant or series name"),
     ],
 )
 def test_bad_input_is_refused_before_sampling(overrides, message, tmp_path, cache_dir):

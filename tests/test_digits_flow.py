@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from ddim_gmm_exp.flow import sample_rfim
 from ddim_gmm_exp.images import to_uint8
-from ddim_gmm_exp.metrics import MetricSuite, load_reference, make_fid
+from ddim_gmm_exp.metrics import MetricSuite, load_reference
 from ddim_gmm_exp.models.digits import DigitFeatures, classifier_scores_extra, shipped_dir
 from ddim_gmm_exp.models.digits_flow import DigitsFlowAdapter, shipped_flow_dir
 from ddim_gmm_exp.noise import randn, sample_generators
@@ -70,7 +70,7 @@ def euler_samples(adapter, n: int, steps: int, conditional: bool = True) -> tupl
 def test_fifty_euler_steps_draw_the_asked_digits(adapter):
     images, labels = euler_samples(adapter, 200, 50)
     suite = MetricSuite(
-        make_fid(DigitFeatures()),
+        DigitFeatures(),
         load_reference(adapter.reference_stats),
         fid_name="fid_digits",
         extras={"classifier": classifier_scores_extra()},

@@ -19,6 +19,7 @@ from ddim_gmm_exp.metrics import (
     extractor_key,
     folder_reference,
     load_reference,
+    load_reference_features,
     statistics_of,
 )
 
@@ -143,6 +144,21 @@ def test_a_cache_with_its_key_but_nan_statistics_is_recomputed(tmp_path, caplog)
         cached_reference(Adapter(), PixelFeatures(48), "toy", tmp_path, 20)
     assert "not finite" in caplog.text and "recomputing" in caplog.text
     assert np.array_equal(load_reference(path)[0], mu)
+
+
+def test_a_cache_without_features_is_recomputed_with_them(tmp_path, caplog):
+    """PRDC and KID need the real features: a file of mu and sigma alone (made before they were
+    kept) is made again, and then holds the features whose statistics it holds."""
+    path = cached_reference(Adapter(), PixelFeatures(48), "toy", tmp_path, 20)
+    with np.load(path) as data:
+        key, mu, sigma, features = str(data["key"]), data["mu"], data["sigma"], data["features"]
+    assert features.shape == (20, 48) and features.dtype == np.float32
+    assert np.allclose(features.mean(0), mu, atol=1e-6)
+    np.savez(path, mu=mu, sigma=sigma, key=np.array(key))
+    with caplog.at_level(logging.WARNING):
+        cached_reference(Adapter(), PixelFeatures(48), "toy", tmp_path, 20)
+    assert "holds no features" in caplog.text and "recomputing" in caplog.text
+    assert np.array_equal(load_reference_features(path), features)
 
 
 def test_non_finite_statistics_are_refused_and_never_cached(tmp_path):

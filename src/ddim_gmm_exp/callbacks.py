@@ -1,5 +1,5 @@
 """Lightning callbacks of a run: the progress bar with images per second, the report (results.json,
-grid.png, the logger's scalars, grid and table) on rank 0, and finishing the W&B run."""
+features.npz, grid.png, the logger's scalars, grid and table) on rank 0, and finishing the W&B run."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ddim_gmm_exp.images import image_grid, save_png
+from ddim_gmm_exp.metrics import FEATURES_FILE, save_features
 
 RESULTS_FILE = "results.json"
 
@@ -34,6 +35,10 @@ class ReportResults(L.Callback):
     def report(self, module: Any, logger: Any) -> None:
         """Write what ``module`` (a SamplingModule after finish()) measured."""
         results = self.meta | {"metrics": module.results, "seconds": time.time() - self.started} | module.stats
+        generated = getattr(module.metrics, "generated", None)
+        if generated is not None and len(generated[0]):  # what scripts/score.py rescores from
+            save_features(self.output_dir / FEATURES_FILE, *generated, key=module.metrics.features_key())
+            results["features_file"] = str(self.output_dir / FEATURES_FILE)
         if module.grid:
             save_png(image_grid(torch.stack(module.grid)), self.output_dir / "grid.png")
         if logger:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ddim_gmm_exp.samplers import (
     uses_spacing,
 )
 from ddim_gmm_exp.sampling import PREDICTION_TYPES, X0_HANDLINGS
-from ddim_gmm_exp.sweep import check_x_axis
+from ddim_gmm_exp.sweep import check_summary_options, check_x_axis
 
 SPACINGS = ("leading", "trailing", "linspace")
 FID_FEATURES = (None, "model", "inception")
@@ -209,8 +210,9 @@ def check_variant(spec: RunSpec) -> None:
 
 
 def check_summary_axis(spec: RunSpec) -> None:
-    """summary.x is read only when the sweep ends: a bad value is refused before its jobs sample."""
+    """summary.* is read only when the sweep ends: a bad value is refused before its jobs sample."""
     check_x_axis(spec.output.summary_x)
+    check_summary_options(spec.output.summary_reference, spec.output.summary_select_on)
 
 
 def check_trainer(spec: RunSpec) -> None:
@@ -272,6 +274,29 @@ def check_paths_and_metrics(spec: RunSpec) -> None:
     # a covariance needs two samples; fewer than the feature dimension make it singular (a warning
     # when the statistics are computed)
     check_number("metrics.fid.reference_samples", metrics.fid_reference_samples, 2, integer=True)
+    check_diversity_settings(spec)
+
+
+def check_diversity_settings(spec: RunSpec) -> None:
+    """metrics.prdc.* and metrics.kid.*: valid numbers, and set only where the run computes them
+    (in FID's features, so not with FID disabled; not with their own metric disabled)."""
+    metrics = spec.metrics
+    check_number("metrics.prdc.k", metrics.prdc_k, 1, integer=True)
+    check_number("metrics.prdc.max_samples", metrics.prdc_max_samples, 2, integer=True)
+    check_number("metrics.kid.subsets", metrics.kid_subsets, 1, integer=True)
+    if metrics.kid_subset_size is not None:
+        check_number("metrics.kid.subset_size", metrics.kid_subset_size, 2, integer=True)
+    for group, enabled in (("prdc", metrics.prdc_enabled), ("kid", metrics.kid_enabled)):
+        given = [o for o in spec.output.overrides if re.match(rf"^\+*metrics\.{group}\.(?!enabled=)", o)]
+        if given and not metrics.fid_enabled:
+            raise ConfigError(
+                f"{given[0]} is set but metrics.fid.enabled=false: {group} is computed in FID's features, "
+                "alongside FID; enable FID or drop the override"
+            )
+        if given and not enabled:
+            raise ConfigError(
+                f"{given[0]} is set but metrics.{group}.enabled=false: enable it or drop the override"
+            )
 
 
 def check_logger(spec: RunSpec) -> None:

@@ -84,6 +84,12 @@ class MetricsSpec:
     extra: dict[str, dict[str, Any]]
     cache_dir: str
     optimized_metric: str | None
+    prdc_enabled: bool = True
+    prdc_k: int = 5
+    prdc_max_samples: int = 10_000
+    kid_enabled: bool = True
+    kid_subsets: int = 100
+    kid_subset_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ class OutputSpec:
     job_num: int | None = None  # this job's number in its multirun
     named_variant: dict[str, Any] | None = None  # {name, sampler} of a conf/variant file, if one was chosen
     summary_x: Any = None  # summary.x: the sweep summaries' x axis (checked before sampling)
+    summary_reference: Any = None  # summary.reference: the sampler differences are paired against
+    summary_select_on: Any = None  # summary.select_on: the seeds that choose s (paper.md)
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,7 @@ class RunSpec:
         flat.pop("metrics.cache_dir", None)  # where statistics are cached, not what they are
         for option, key in self.sampler.gmm_options.items():  # the control's scale is gmm.scale, as a GMM's
             flat[f"gmm.{key}"] = flat.pop(f"sampler.{option}")
-        return {key.replace("metrics.fid_", "metrics.fid.", 1): value for key, value in flat.items()}
+        return {re.sub(r"^metrics\.(fid|prdc|kid)_", r"metrics.\1.", key): value for key, value in flat.items()}
 
 
 def flatten_into(flat: dict[str, Any], prefix: str, node: Any) -> None:
@@ -249,6 +257,7 @@ def resolve_run(
     model = plain(cfg.model)
     sampler = plain(cfg.sampler)
     fid = plain(cfg.metrics.fid)
+    prdc, kid = plain(cfg.metrics.get("prdc")) or {}, plain(cfg.metrics.get("kid")) or {}
     function_path = sampler["function"]
     takes = option_names(resolve_function(function_path))
     options = {k: v for k, v in sampler.items() if k not in RUN_KEYS}
@@ -291,6 +300,12 @@ def resolve_run(
             fid_reference=fid["reference"],
             fid_reference_samples=fid["reference_samples"],
             fid_min_samples=fid["min_samples"],
+            prdc_enabled=prdc.get("enabled", True),
+            prdc_k=prdc.get("k", 5),
+            prdc_max_samples=prdc.get("max_samples", 10_000),
+            kid_enabled=kid.get("enabled", True),
+            kid_subsets=kid.get("subsets", 100),
+            kid_subset_size=kid.get("subset_size"),
             extra={k: v for k, v in (plain(cfg.metrics.get("extra")) or {}).items() if v is not None},
             cache_dir=str(cfg.paths.cache_dir),
             optimized_metric=cfg.get("optimized_metric"),
@@ -308,5 +323,7 @@ def resolve_run(
             job_num=job[1] if job is not None else None,
             named_variant=plain(cfg.get("named_variant")),
             summary_x=OmegaConf.select(cfg, "summary.x", default=None),
+            summary_reference=OmegaConf.select(cfg, "summary.reference", default=None),
+            summary_select_on=plain(OmegaConf.select(cfg, "summary.select_on", default=None)),
         ),
     )

@@ -1,9 +1,14 @@
-"""Sample-quality metrics, torchmetrics first: FID (Inception or a model's own features), IS, CLIP.
+"""Sample-quality metrics, reference implementations first: FID (torchmetrics), precision/recall and
+density/coverage (Naeem et al.'s ``prdc`` package), KID (torchmetrics), IS, CLIP.
 
 Every metric consumes the uint8 images that are also written as PNGs, so a resumed run that
-re-reads its PNGs scores exactly as an uninterrupted one.
+re-reads its PNGs scores exactly as an uninterrupted one. FID, PRDC and KID share one feature space
+(the model family's own features, or Inception's 2048-d pool features): each image is featurised
+once, and the features are kept (``features.npz``) so that ``scripts/score.py`` rescores a run
+without sampling.
 
-Reference statistics are EDM-style ``.npz`` files with ``mu`` and ``sigma``. They are loaded into
+Reference statistics are EDM-style ``.npz`` files with ``mu`` and ``sigma``, and ``features`` (n x F)
+where the real images' features are kept (PRDC and KID need them; FID does not). They are loaded into
 the float64 states of torchmetrics' FrechetInceptionDistance (sum = n mu,
 cov_sum = (n-1) sigma + n mu mu^T, num_samples = n) on global rank 0 only: those states are summed
 over ranks when the metric syncs, so loading them on every rank would count them world_size times.
@@ -14,11 +19,14 @@ key is stored in the file and checked, and non-finite statistics are never cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +81,41 @@ def feature_dim(extractor: torch.nn.Module | int) -> int:
     return extractor if isinstance(extractor, int) else int(extractor.num_features)
 
 
+class InceptionFeatures(torch.nn.Module):
+    """Inception-v3's pool features (2048, or 768/192/64), exactly the module torchmetrics' FID
+    builds for an integer ``feature``, from a local weights file."""
+
+    def __init__(self, num_features: int = 2048, weights_path: str | None = None) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.num_features = int(num_features)
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(self.num_features)],
+            feature_extractor_weights_path=inception_weights_path(weights_path),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+class GivenFeatures(torch.nn.Module):
+    """The identity on features already extracted: FID and KID fed features, not images."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def feature_extractor(extractor: torch.nn.Module | int, weights_path: str | None = None) -> torch.nn.Module:
+    """The module that maps uint8 images to features: a family's own, or Inception for an int."""
+    return InceptionFeatures(extractor, weights_path) if isinstance(extractor, int) else extractor
+
+
 def make_fid(extractor: torch.nn.Module | int, weights_path: str | None = None) -> FrechetInceptionDistance:
     """torchmetrics FID over a custom feature module, or Inception (2048/768/192/64) from a local file."""
     if isinstance(extractor, int):
@@ -97,20 +140,72 @@ def load_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(f"metrics.fid.reference={str(path)!r} is not an .npz with 'mu' and 'sigma': {err}") from err
 
 
-def save_reference(path: str | Path, mu: np.ndarray, sigma: np.ndarray, key: str | None = None) -> None:
-    """An EDM-style .npz (mu, sigma), plus the cache key it was made under when given; written to a
-    temporary file and renamed, so that an interrupted or concurrent writer leaves no half file."""
+def load_reference_features(path: str | Path) -> np.ndarray | None:
+    """The real images' features (n x F float32) kept in a reference .npz; None where it holds only
+    mu and sigma (an EDM or ADM statistics file): FID works, PRDC and KID need the features."""
+    with np.load(path) as data:
+        return np.asarray(data["features"], dtype=np.float32) if "features" in data else None
+
+
+def save_reference(
+    path: str | Path, mu: np.ndarray, sigma: np.ndarray, key: str | None = None, features: np.ndarray | None = None
+) -> None:
+    """An EDM-style .npz (mu, sigma), plus the real features (float32) and the cache key it was
+    made under when given; written atomically (no half file from an interrupted or concurrent writer)."""
+    extra = {} if key is None else {"key": np.array(key)}
+    if features is not None:
+        extra["features"] = np.asarray(features, dtype=np.float32)
+    write_npz_atomically(path, mu=mu, sigma=sigma, **extra)
+
+
+def write_npz_atomically(path: str | Path, **arrays: np.ndarray) -> None:
+    """np.savez to a temporary file in path's folder, then renamed over path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    extra = {} if key is None else {"key": np.array(key)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as file:
-            np.savez(file, mu=mu, sigma=sigma, **extra)
+            np.savez(file, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a results file is readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def features_of(
+    extractor: torch.nn.Module | int, batches: Iterable[torch.Tensor], weights_path: str | None = None
+) -> np.ndarray:
+    """The features (n x F, in the extractor's precision) of uint8 image batches."""
+    module = feature_extractor(extractor, weights_path)
+    with torch.no_grad():
+        parts = [module(images).detach().cpu() for images in batches]
+    return torch.cat(parts).numpy() if parts else np.zeros((0, feature_dim(extractor)), dtype=np.float32)
+
+
+def statistics_of_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of features through torchmetrics' FID states (float64 sums, as FID computes them);
+    a ConfigError for fewer than 2 rows (no covariance) or features that are not finite."""
+    n = len(features)
+    if n < 2:  # sigma would be 0/0: NaN statistics that LAPACK later crashes on
+        raise ConfigError(f"reference statistics need at least 2 images (a covariance), got {n}")
+    fid = FrechetInceptionDistance(feature=GivenFeatures(features.shape[1]))
+    fid.update(torch.from_numpy(np.ascontiguousarray(features)), real=True)
+    mu = fid.real_features_sum / n
+    sigma = (fid.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        raise ConfigError(f"the features of the {n} reference images are not finite (NaN or inf): nothing is kept")
+    return mu.numpy(), sigma.numpy()
+
+
+def reference_of(
+    extractor: torch.nn.Module | int, batches: Iterable[torch.Tensor], weights_path: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mu, sigma, features) of uint8 image batches."""
+    features = features_of(extractor, batches, weights_path)
+    return (*statistics_of_features(features), features)
 
 
 def statistics_of(
@@ -118,17 +213,7 @@ def statistics_of(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the features of uint8 image batches, through the same FID metric code; a
     ConfigError for fewer than 2 images (no covariance) or features that are not finite."""
-    fid = make_fid(extractor, weights_path)
-    for images in batches:
-        fid.update(images, real=True)
-    n = int(fid.real_features_num_samples)
-    if n < 2:  # sigma would be 0/0: NaN statistics that LAPACK later crashes on
-        raise ConfigError(f"reference statistics need at least 2 images (a covariance), got {n}")
-    mu = fid.real_features_sum / n
-    sigma = (fid.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
-    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
-        raise ConfigError(f"the features of the {n} reference images are not finite (NaN or inf): nothing is kept")
-    return mu.numpy(), sigma.numpy()
+    return statistics_of_features(features_of(extractor, batches, weights_path))
 
 
 def statistics_problem(mu: np.ndarray, sigma: np.ndarray, dim: int) -> str | None:
@@ -204,7 +289,7 @@ def image_folder_batches(folder: str | Path, batch: int = 256):
 # A cache file is named by a hash of its key and holds the key itself; a file whose key, shape or
 # values do not check out is recomputed (with a warning), never used.
 
-CACHE_KEY_VERSION = "v2"  # v1 keyed folders by mtime and extractors by class name
+CACHE_KEY_VERSION = "v3"  # v1 keyed folders by mtime and extractors by class name; v2 kept no features
 
 
 def file_sha256(path: str | Path) -> str:
@@ -250,11 +335,15 @@ def cache_problem(path: Path, key: str, dim: int) -> str | None:
         with np.load(path) as data:
             stored = str(data["key"]) if "key" in data else None
             mu, sigma = np.asarray(data["mu"], dtype=np.float64), np.asarray(data["sigma"], dtype=np.float64)
+            features = data["features"] if "features" in data else None
     except (KeyError, ValueError, OSError, EOFError) as err:
         return f"cannot be read ({err})"
     if stored != key:
         return "has no key (an older cache)" if stored is None else "was made under another key"
-    return statistics_problem(mu, sigma, dim)
+    problem = statistics_problem(mu, sigma, dim)
+    if problem is None and (features is None or features.ndim != 2 or features.shape[1] != dim):
+        return "holds no features of the right dimension (an older cache)"
+    return problem
 
 
 def folder_reference(
@@ -282,16 +371,16 @@ def cached_statistics(
     extractor: torch.nn.Module | int,
     weights_path: str | None,
 ) -> Path:
-    """path, (re)computing (mu, sigma) of the image batches into it first unless it holds valid
-    statistics made under key. Statistics that are not finite are refused, never cached."""
+    """path, (re)computing (mu, sigma) and the features of the image batches into it first unless it
+    holds valid statistics made under key. Statistics that are not finite are refused, never cached."""
     problem = cache_problem(path, key, feature_dim(extractor))
     if problem is None:
         return path
     if problem != "is missing":
         log.warning("reference cache %s %s: recomputing it", path, problem)
     log.info("computing reference statistics of %s -> %s", what, path)
-    mu, sigma = statistics_of(extractor, batches(), weights_path)
-    save_reference(path, mu, sigma, key=key)
+    mu, sigma, features = reference_of(extractor, batches(), weights_path)
+    save_reference(path, mu, sigma, key=key, features=features)
     return path
 
 
@@ -321,27 +410,171 @@ def cached_reference(
     )
 
 
-class MetricSuite(torch.nn.Module):
-    """The run's metrics: FID against fixed reference statistics, plus optional extras.
+# ----------------------------------------------------------------------------------- diversity
+# Notation (METHOD.md, "Diversity metrics"): real features R (n x F), generated G (m x F), k nearest
+# neighbours within a set (self excluded), r(x) = the distance from x to its k-th neighbour.
 
-    ``extras`` maps a name to a torchmetrics Metric and a function (images, labels, prompts) ->
-    arguments of its update(); a SeededInceptionScore is also given the global indices. ``seed``
-    (the run's seed), when given, replaces the seed of every SeededInceptionScore among them, so
-    that the same run gives the same Inception Score.
+KID_SUBSET_SIZE = 1000  # torchmetrics' and torch-fidelity's default; fewer samples: all of them
+
+
+@dataclass(frozen=True)
+class DiversitySettings:
+    """Which metrics share FID's features besides FID, and their settings (metrics.prdc, metrics.kid)."""
+
+    prdc: bool = True
+    prdc_k: int = 5
+    prdc_max_samples: int = 10_000  # generated samples PRDC uses at most (its distances are n^2 in memory)
+    kid: bool = True
+    kid_subsets: int = 100
+    kid_subset_size: int | None = None  # None: min(KID_SUBSET_SIZE, generated, reference)
+
+
+def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, k: int) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) and density and coverage (Naeem et
+    al. 2020), by Naeem et al.'s own ``prdc`` package, on Euclidean distances in float64."""
+    from prdc import compute_prdc
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the two set sizes
+        values = compute_prdc(np.asarray(real, np.float64), np.asarray(fake, np.float64), nearest_k=int(k))
+    return {name: float(values[name]) for name in ("precision", "recall", "density", "coverage")}
+
+
+PRDC_REFERENCE_SEED = 0  # the reference subset PRDC uses: the same for every run, so runs pair
+
+
+def prdc_samples(real: np.ndarray, fake: np.ndarray, max_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two sets PRDC compares, of equal size as Naeem et al. use them: the first
+    min(m, max_samples) generated samples (in index order), and as many reference samples, drawn
+    once by a fixed permutation (all of them where there are no more)."""
+    fake = fake[: min(len(fake), int(max_samples))]
+    if len(real) > len(fake):
+        real = real[np.random.default_rng(PRDC_REFERENCE_SEED).permutation(len(real))[: len(fake)]]
+    return real, fake
+
+
+def kid_subset_size(requested: int | None, n_real: int, n_fake: int) -> int:
+    """The KID subset size: the requested one, or min(KID_SUBSET_SIZE, n_real, n_fake)."""
+    return int(requested) if requested is not None else min(KID_SUBSET_SIZE, n_real, n_fake)
+
+
+def kernel_inception_distance(
+    real: np.ndarray, fake: np.ndarray, subsets: int, subset_size: int, seed: int
+) -> tuple[float, float]:
+    """(KID, its std over subsets): torchmetrics' KernelInceptionDistance (unbiased MMD^2, kernel
+    (x.y / F + 1)^3, ``subsets`` random subsets of ``subset_size``) on given features in float64,
+    its subsets drawn from the global RNG seeded by ``seed`` inside a fork (left as it was)."""
+    import warnings
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(
+            feature=GivenFeatures(real.shape[1]), subsets=int(subsets), subset_size=int(subset_size)
+        )
+    metric.update(torch.as_tensor(real, dtype=torch.float64), real=True)
+    metric.update(torch.as_tensor(fake, dtype=torch.float64), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def diversity_metrics(
+    real: np.ndarray, fake: np.ndarray, settings: DiversitySettings, seed: int
+) -> dict[str, float]:
+    """precision, recall, density, coverage, kid and kid_std of fake against real features."""
+    out: dict[str, float] = {}
+    if settings.prdc:
+        out |= precision_recall_density_coverage(*prdc_samples(real, fake, settings.prdc_max_samples), settings.prdc_k)
+    if settings.kid:
+        size = kid_subset_size(settings.kid_subset_size, len(real), len(fake))
+        out["kid"], out["kid_std"] = kernel_inception_distance(real, fake, settings.kid_subsets, size, seed)
+    return out
+
+
+def diversity_problem(settings: DiversitySettings, n_real: int, n_fake: int) -> str | None:
+    """Why PRDC or KID cannot be computed on n_real reference and n_fake generated features; None if
+    they can (checked before sampling)."""
+    prdc_n = min(n_real, n_fake, settings.prdc_max_samples)
+    if settings.prdc and settings.prdc_k + 1 > prdc_n:
+        return (
+            f"metrics.prdc.k={settings.prdc_k} needs more than k samples on each side (a sample's k-th "
+            f"neighbour besides itself), but PRDC compares {prdc_n} generated with {prdc_n} reference samples: "
+            f"use k <= {prdc_n - 1}"
+        )
+    if settings.kid and settings.kid_subset_size is not None and settings.kid_subset_size > min(n_real, n_fake):
+        return (
+            f"metrics.kid.subset_size={settings.kid_subset_size} is more than the {n_fake} generated or "
+            f"{n_real} reference samples: use at most {min(n_real, n_fake)}, or null for min(1000, both)"
+        )
+    return None
+
+
+class FeatureBank(Metric):
+    """Every generated sample's features (float32) and global index: gathered over ranks and
+    returned in index order, once per index, whatever order the batches came in."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("features", [], dist_reduce_fx="cat")
+        self.add_state("sample_indices", [], dist_reduce_fx="cat")
+
+    def update(self, features: torch.Tensor, indices: torch.Tensor) -> None:
+        self.features.append(features.detach().float())
+        self.sample_indices.append(torch.as_tensor(indices, dtype=torch.long).to(features.device))
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, features) sorted by index; a repeated index keeps its first row."""
+        if isinstance(self.features, list) and not self.features:  # nothing fed (after a sync: a tensor)
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
+        features, indices = dim_zero_cat(self.features), dim_zero_cat(self.sample_indices)
+        order = torch.argsort(indices, stable=True)
+        indices, features = indices[order], features[order]
+        first = torch.ones_like(indices, dtype=torch.bool)
+        first[1:] = indices[1:] != indices[:-1]
+        return indices[first], features[first]
+
+
+class MetricSuite(torch.nn.Module):
+    """The run's metrics: FID, PRDC and KID in one feature space, against fixed references, plus
+    optional extras.
+
+    ``extractor`` maps uint8 images to features (a family's own module, or an int: Inception's pool
+    features of that size from ``weights_path``); each batch is featurised once, and its features
+    feed FID (torchmetrics, against ``reference`` = (mu, sigma)) and a FeatureBank, from which PRDC
+    and KID are computed against ``reference_features`` (skipped where there are none) and which
+    features.npz is written from. ``extras`` maps a name to a torchmetrics Metric and a function
+    (images, labels, prompts) -> arguments of its update(); a SeededInceptionScore is also given the
+    global indices. ``seed`` (the run's seed), when given, seeds KID's subsets and replaces the seed
+    of every SeededInceptionScore among the extras, so that the same run gives the same scores.
     """
 
     def __init__(
         self,
-        fid: FrechetInceptionDistance | None = None,
+        extractor: torch.nn.Module | int | None = None,
         reference: tuple[np.ndarray, np.ndarray] | None = None,
         fid_name: str = "fid",
         extras: dict[str, tuple[Metric, Callable[..., tuple]]] | None = None,
         seed: int | None = None,
+        reference_features: np.ndarray | None = None,
+        diversity: DiversitySettings | None = None,
+        weights_path: str | None = None,
     ) -> None:
         super().__init__()
-        self.fid = fid
+        self.extractor = feature_extractor(extractor, weights_path) if extractor is not None else None
+        fed_features = None if extractor is None else GivenFeatures(feature_dim(extractor))
+        self.fid = None if fed_features is None else FrechetInceptionDistance(feature=fed_features)
+        self.bank = None if extractor is None else FeatureBank()
         self.fid_name = fid_name
         self.reference = reference
+        self.reference_features = reference_features
+        self.diversity = diversity or DiversitySettings()
+        self.seed = int(seed or 0)
+        self.generated: tuple[np.ndarray, np.ndarray] | None = None  # (indices, features) after compute()
+        self._features_key: str | None = None
         self.extras = torch.nn.ModuleDict({name: m for name, (m, _) in (extras or {}).items()})
         self._extra_args = {name: f for name, (_, f) in (extras or {}).items()}
         if seed is not None:  # the run's seed decides the Inception Score's shuffle into groups
@@ -353,6 +586,7 @@ class MetricSuite(torch.nn.Module):
         """Reset every metric; global rank 0 alone holds the reference (states sum over ranks)."""
         for metric in self.metrics():
             metric.reset()
+        self.generated = None
         if self.fid is None or self.reference is None or global_rank != 0:
             return
         mu, sigma = (
@@ -367,20 +601,47 @@ class MetricSuite(torch.nn.Module):
         """Whether a metric scores images against their prompts (CLIP score)."""
         return any(getattr(f, "needs_prompts", False) for f in self._extra_args.values())
 
+    @property
+    def needs_images(self) -> bool:
+        """Whether a metric other than FID/PRDC/KID reads the images (saved features cannot serve it)."""
+        return bool(self.extras)
+
+    def features_key(self) -> str | None:
+        """What decides the features (extractor_key): saved with them, checked before reuse."""
+        if self.extractor is None:
+            return None
+        if self._features_key is None:
+            self._features_key = extractor_key(self.extractor)
+        return self._features_key
+
     def metrics(self) -> list[Metric]:
-        return ([self.fid] if self.fid is not None else []) + list(self.extras.values())
+        shared = [self.fid, self.bank] if self.fid is not None else []
+        return shared + list(self.extras.values())
 
     def update(
         self,
-        images: torch.Tensor,
+        images: torch.Tensor | None,
         labels: torch.Tensor | None = None,
         prompts: list[str] | None = None,
         indices: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> None:
         """Feed a batch of generated uint8 images (B, C, H, W) and their global sample indices
-        (which order the Inception Score's features, whatever order the batches come in)."""
+        (which order the saved features and the Inception Score's features, whatever order the
+        batches come in). ``features``, when given, are the batch's features already extracted
+        (a rescore from features.npz): the extractor is not run, and images may be None where no
+        extra metric needs them."""
         if self.fid is not None:
-            self.fid.update(images, real=False)
+            if features is None:
+                with torch.no_grad():
+                    features = self.extractor(images)
+            # float32, as features.npz keeps them: a rescore from the file gives the same numbers
+            features = features.float()
+            if indices is None:
+                seen = sum(len(i) for i in self.bank.sample_indices)
+                indices = torch.arange(seen, seen + len(features))
+            self.fid.update(features, real=False)
+            self.bank.update(features, indices)
         for name, metric in self.extras.items():
             arguments = self._extra_args[name](images, labels, prompts)
             if isinstance(metric, SeededInceptionScore):
@@ -389,10 +650,15 @@ class MetricSuite(torch.nn.Module):
                 metric.update(*arguments)
 
     def compute(self) -> dict[str, float]:
-        """Every metric's value; a collective under DDP, so call it on every rank."""
+        """Every metric's value; a collective under DDP, so call it on every rank. The generated
+        features are kept in ``generated`` (indices, features) for features.npz."""
         out: dict[str, float] = {}
         if self.fid is not None:
             out[self.fid_name] = float(self.fid.compute())
+            indices, features = self.bank.compute()
+            self.generated = (indices.cpu().numpy(), features.cpu().numpy())
+            if self.reference_features is not None:
+                out |= diversity_metrics(self.reference_features, self.generated[1], self.diversity, self.seed)
         for name, metric in self.extras.items():
             value = metric.compute()
             if isinstance(value, tuple):  # Inception Score: (mean, std)
@@ -402,6 +668,39 @@ class MetricSuite(torch.nn.Module):
             else:
                 out[name] = float(value)
         return out
+
+
+# ----------------------------------------------------------------------------------- features on disk
+
+FEATURES_FILE = "features.npz"
+
+
+def load_features(path: str | Path, with_key: bool = False) -> tuple:
+    """(indices, features) of a run's features.npz, and the extractor key they were made under
+    (extractor_key; None in a file without one) when with_key."""
+    with np.load(path) as data:
+        indices = np.asarray(data["indices"], dtype=np.int64)
+        features = np.asarray(data["features"], dtype=np.float32)
+        key = str(data["key"]) if "key" in data else None
+    return (indices, features, key) if with_key else (indices, features)
+
+
+def save_features(path: str | Path, indices: np.ndarray, features: np.ndarray, key: str | None = None) -> None:
+    """A run's features.npz (``features`` N x F float32, ``indices`` the global sample index of
+    each row, sorted, and ``key``: what made them, extractor_key), written atomically. Rows of an
+    existing file made by the same extractor whose index is not among ``indices`` are kept (a resumed
+    run appends; nothing is duplicated)."""
+    indices, features = np.asarray(indices, np.int64), np.asarray(features, np.float32)
+    path = Path(path)
+    if path.is_file():
+        old_indices, old_features, old_key = load_features(path, with_key=True)
+        if old_key == key and old_features.shape[1:] == features.shape[1:]:
+            keep = ~np.isin(old_indices, indices)
+            indices = np.concatenate([old_indices[keep], indices])
+            features = np.concatenate([old_features[keep], features])
+    order = np.argsort(indices, kind="stable")
+    extra = {} if key is None else {"key": np.array(key)}
+    write_npz_atomically(path, features=features[order], indices=indices[order], **extra)
 
 
 class CLIPFeatures(torch.nn.Module):

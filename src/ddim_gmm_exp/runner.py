@@ -31,13 +31,16 @@ from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.gmm import GMM, variant_name
 from ddim_gmm_exp.images import png_path
 from ddim_gmm_exp.metrics import (
+    DiversitySettings,
     MetricSuite,
     cached_reference,
     check_reference,
+    diversity_problem,
     feature_dim,
     folder_reference,
+    kid_subset_size,
     load_reference,
-    make_fid,
+    load_reference_features,
 )
 from ddim_gmm_exp.models.base import ModelAdapter
 from ddim_gmm_exp.module import SamplingModule, SamplingPlan
@@ -286,11 +289,12 @@ def build_plan(spec: RunSpec, adapter: ModelAdapter, prompts: list[str] | None, 
 
 def build_metrics(
     metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter, num_samples: int, seed: int
-) -> tuple[MetricSuite, dict[str, str]]:
-    """FID against its reference statistics (skipped, with a note, below min_samples) and the
-    extra metrics; returns the suite and notes for results.json."""
-    notes: dict[str, str] = {}
-    fid = reference = None
+) -> tuple[MetricSuite, dict[str, Any]]:
+    """FID, PRDC and KID in one feature space against their references (skipped, with a note, below
+    min_samples; PRDC and KID also where the reference holds no features) and the extra metrics;
+    returns the suite and what results.json says about them."""
+    notes: dict[str, Any] = {}
+    extractor = reference = reference_file = reference_features = None
     if metrics.fid_enabled and num_samples < metrics.fid_min_samples:
         notes["fid_skipped"] = (
             f"data.num_samples={num_samples} is below metrics.fid.min_samples={metrics.fid_min_samples}: "
@@ -298,38 +302,87 @@ def build_metrics(
         )
         log.warning("FID skipped: %s", notes["fid_skipped"])
     elif metrics.fid_enabled:
-        fid, reference = build_fid(metrics, model, adapter)
+        extractor, reference_file = fid_reference(metrics, model, adapter)
+        reference = load_reference(reference_file)
+        check_reference(*reference, feature_dim(extractor), f"in {str(reference_file)!r}")
+        reference_features = load_reference_features(reference_file)
+    diversity = DiversitySettings(
+        prdc=metrics.prdc_enabled,
+        prdc_k=metrics.prdc_k,
+        prdc_max_samples=metrics.prdc_max_samples,
+        kid=metrics.kid_enabled,
+        kid_subsets=metrics.kid_subsets,
+        kid_subset_size=metrics.kid_subset_size,
+    )
+    if extractor is not None:
+        notes |= diversity_notes(diversity, reference_file, reference_features, num_samples)
     extras = {}
     for name, metric in {**model.extra_metrics, **metrics.extra}.items():
         if metric.get("enabled", True):
             extras[name] = instantiate(metric["factory"], adapter=adapter)
-    return MetricSuite(fid, reference, fid_name=model.fid_name, extras=extras, seed=seed), notes
+    suite = MetricSuite(
+        extractor,
+        reference,
+        fid_name=model.fid_name,
+        extras=extras,
+        seed=seed,
+        reference_features=reference_features,
+        diversity=diversity,
+        weights_path=metrics.fid_weights_path,
+    )
+    return suite, notes
 
 
-def build_fid(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter) -> tuple[Any, Any]:
-    """The FID metric and its reference statistics: a given .npz or image folder, the family's
-    shipped statistics, or statistics of the family's real images, computed once and cached."""
+def diversity_notes(
+    diversity: DiversitySettings, reference_file: Path, reference_features: Any, num_samples: int
+) -> dict[str, Any]:
+    """results.json's record of PRDC and KID: their settings and the reference's features file, or
+    why they are skipped (a reference of mu and sigma only); a ConfigError, before sampling, for
+    settings the sample counts cannot meet."""
+    if not (diversity.prdc or diversity.kid):
+        return {}
+    if reference_features is None:
+        note = (
+            f"the FID reference {str(reference_file)!r} holds mu and sigma only: precision/recall, density/coverage "
+            "and KID need the real images' features (an image folder, the family's own reference, or an .npz "
+            "with 'features')"
+        )
+        log.warning("PRDC/KID skipped: %s", note)
+        return {"diversity_skipped": note}
+    problem = diversity_problem(diversity, len(reference_features), num_samples)
+    if problem is not None:
+        raise ConfigError(problem)
+    notes: dict[str, Any] = {"reference_features_file": str(reference_file)}
+    if diversity.prdc:
+        notes["prdc_k"] = diversity.prdc_k
+        # equal sets (metrics.prdc_samples): the first n generated, as many reference samples
+        notes["prdc_samples"] = min(len(reference_features), num_samples, diversity.prdc_max_samples)
+    if diversity.kid:
+        notes["kid_subsets"] = diversity.kid_subsets
+        notes["kid_subset_size"] = kid_subset_size(diversity.kid_subset_size, len(reference_features), num_samples)
+    return notes
+
+
+def fid_reference(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter) -> tuple[Any, Path]:
+    """The feature extractor (a module, or 2048 for Inception) and the reference .npz: a given
+    .npz, an image folder's, the family's shipped one, or one of the family's real images, computed
+    once and cached (folders and real images keep their features too)."""
     features = metrics.fid_features or ("model" if model.features is not None else "inception")
     extractor = instantiate(model.features) if features == "model" else 2048
-    fid = make_fid(extractor, metrics.fid_weights_path)
     shipped = adapter.reference_stats if features == "model" else None
     reference_path = metrics.fid_reference
     if reference_path is not None and Path(reference_path).is_dir():
         path = folder_reference(reference_path, extractor, metrics.cache_dir, metrics.fid_weights_path)
-        source = f"of the images in {reference_path!r}"
     elif reference_path is not None:
-        path, source = reference_path, f"in {reference_path!r}"
+        path = Path(reference_path)
     elif shipped is not None:
-        path, source = shipped, f"in {str(shipped)!r}"
+        path = Path(shipped)
     else:
         key = json.dumps(model.fingerprint, sort_keys=True)
         path = cached_reference(
             adapter, extractor, key, metrics.cache_dir, metrics.fid_reference_samples, metrics.fid_weights_path
         )
-        source = f"in {str(path)!r}"
-    reference = load_reference(path)
-    check_reference(*reference, feature_dim(extractor), source)
-    return fid, reference
+    return extractor, path
 
 
 def build_logger(spec: RunSpec) -> Any:
