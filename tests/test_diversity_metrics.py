@@ -168,7 +168,7 @@ def test_suite_gives_prdc_and_kid_in_fids_features_and_keeps_them():
     for name, value in expected.items():
         assert out[name] == pytest.approx(value, abs=1e-12)
     assert out["kid"] == pytest.approx(kernel_inception_distance(real_features, fake_features, 10, 150, 5)[0])
-    indices, features = suite.generated
+    indices, features = suite.spaces[0].generated
     assert indices.tolist() == list(range(150))
     assert np.allclose(features, fake_features.astype(np.float32))
     # a reference of mu and sigma only: FID alone

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ddim_gmm_exp.images import image_grid, save_png
-from ddim_gmm_exp.metrics import FEATURES_FILE, save_features
+from ddim_gmm_exp.metrics import save_features
 
 RESULTS_FILE = "results.json"
 
@@ -35,10 +35,10 @@ class ReportResults(L.Callback):
     def report(self, module: Any, logger: Any) -> None:
         """Write what ``module`` (a SamplingModule after finish()) measured."""
         results = self.meta | {"metrics": module.results, "seconds": time.time() - self.started} | module.stats
-        generated = getattr(module.metrics, "generated", None)
-        if generated is not None and len(generated[0]):  # what scripts/score.py rescores from
-            save_features(self.output_dir / FEATURES_FILE, *generated, key=module.metrics.features_key())
-            results["features_file"] = str(self.output_dir / FEATURES_FILE)
+        for space in getattr(module.metrics, "spaces", []):  # what scripts/score.py rescores from
+            if space.generated is not None and len(space.generated[0]):
+                save_features(self.output_dir / space.features_file, *space.generated, key=space.features_key())
+                results[f"features{space.suffix}_file"] = str(self.output_dir / space.features_file)
         if module.grid:
             save_png(image_grid(torch.stack(module.grid)), self.output_dir / "grid.png")
         if logger:

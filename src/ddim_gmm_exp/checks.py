@@ -275,6 +275,37 @@ def check_paths_and_metrics(spec: RunSpec) -> None:
     # when the statistics are computed)
     check_number("metrics.fid.reference_samples", metrics.fid_reference_samples, 2, integer=True)
     check_diversity_settings(spec)
+    check_dinov2(spec)
+
+
+def check_dinov2(spec: RunSpec) -> None:
+    """metrics=dinov2: a local Dinov2Model directory, an existing reference, and FID on (the space
+    is computed beside FID's); its settings without metrics=dinov2 are not used."""
+    metrics = spec.metrics
+    given = [o for o in spec.output.overrides if re.match(r"^\+*metrics\.dinov2\.(?!enabled=)", o)]
+    if given and not metrics.dinov2_enabled:
+        raise ConfigError(f"{given[0]} is set but DINOv2 features are not computed: add metrics=dinov2")
+    if not metrics.dinov2_enabled:
+        return
+    if not metrics.fid_enabled:
+        raise ConfigError(
+            "metrics=dinov2 is computed beside FID but metrics.fid.enabled=false: enable FID or drop metrics=dinov2"
+        )
+    if metrics.dinov2_path is None:
+        raise ConfigError(
+            "metrics=dinov2 needs metrics.dinov2.path=DIR: a local transformers Dinov2Model directory "
+            "(save_pretrained of e.g. facebook/dinov2-base; no download is made)"
+        )
+    if not Path(metrics.dinov2_path).is_dir():
+        raise ConfigError(
+            f"metrics.dinov2.path={metrics.dinov2_path!r} is not a directory: give a local transformers "
+            "Dinov2Model directory (save_pretrained; no download is made)"
+        )
+    if metrics.dinov2_reference is not None and not Path(metrics.dinov2_reference).exists():
+        raise ConfigError(
+            f"metrics.dinov2.reference={metrics.dinov2_reference!r} does not exist: give a folder of real images "
+            "or an .npz made in DINOv2 features, or null"
+        )
 
 
 def check_diversity_settings(spec: RunSpec) -> None:

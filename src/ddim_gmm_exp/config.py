@@ -90,6 +90,9 @@ class MetricsSpec:
     kid_enabled: bool = True
     kid_subsets: int = 100
     kid_subset_size: int | None = None
+    dinov2_enabled: bool = False  # metrics=dinov2: FD, PRDC and KID in DINOv2 features too
+    dinov2_path: str | None = None
+    dinov2_reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,9 @@ class RunSpec:
         flat.pop("metrics.cache_dir", None)  # where statistics are cached, not what they are
         for option, key in self.sampler.gmm_options.items():  # the control's scale is gmm.scale, as a GMM's
             flat[f"gmm.{key}"] = flat.pop(f"sampler.{option}")
-        return {re.sub(r"^metrics\.(fid|prdc|kid)_", r"metrics.\1.", key): value for key, value in flat.items()}
+        return {
+            re.sub(r"^metrics\.(fid|prdc|kid|dinov2)_", r"metrics.\1.", key): value for key, value in flat.items()
+        }
 
 
 def flatten_into(flat: dict[str, Any], prefix: str, node: Any) -> None:
@@ -258,6 +263,7 @@ def resolve_run(
     sampler = plain(cfg.sampler)
     fid = plain(cfg.metrics.fid)
     prdc, kid = plain(cfg.metrics.get("prdc")) or {}, plain(cfg.metrics.get("kid")) or {}
+    dinov2 = plain(cfg.metrics.get("dinov2")) or {}
     function_path = sampler["function"]
     takes = option_names(resolve_function(function_path))
     options = {k: v for k, v in sampler.items() if k not in RUN_KEYS}
@@ -306,6 +312,9 @@ def resolve_run(
             kid_enabled=kid.get("enabled", True),
             kid_subsets=kid.get("subsets", 100),
             kid_subset_size=kid.get("subset_size"),
+            dinov2_enabled=bool(dinov2.get("enabled", False)),
+            dinov2_path=dinov2.get("path"),
+            dinov2_reference=dinov2.get("reference"),
             extra={k: v for k, v in (plain(cfg.metrics.get("extra")) or {}).items() if v is not None},
             cache_dir=str(cfg.paths.cache_dir),
             optimized_metric=cfg.get("optimized_metric"),

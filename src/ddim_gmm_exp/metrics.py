@@ -111,6 +111,46 @@ class GivenFeatures(torch.nn.Module):
         return features
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DINOv2Features(torch.nn.Module):
+    """DINOv2's CLS token (``pooler_output``: after the last layer norm) of uint8 images, from a
+    local transformers ``Dinov2Model`` directory (no hub at run time), as Stein et al. (2023) and
+    dgm-eval use it: images resized to the model's image size (224 for the released models) with
+    bicubic, antialiased interpolation, grayscale repeated to RGB, normalised with ImageNet's mean
+    and std."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        from transformers import Dinov2Model
+
+        if not path or not Path(path).is_dir():
+            raise ConfigError(
+                f"metrics.dinov2.path={path!r} is not a directory: give a local transformers Dinov2Model "
+                "directory (save_pretrained, e.g. of facebook/dinov2-base; no download is made)"
+            )
+        try:
+            self.model = Dinov2Model.from_pretrained(path, local_files_only=True).eval()
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"metrics.dinov2.path={path!r} holds no Dinov2Model: {err}") from err
+        self.num_features = int(self.model.config.hidden_size)
+        self.image_size = int(self.model.config.image_size)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.mean.device).float() / 255
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        size = (self.image_size, self.image_size)
+        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        x = (x.clamp(0, 1) - self.mean) / self.std
+        with torch.no_grad():
+            return self.model(pixel_values=x).pooler_output
+
+
 def feature_extractor(extractor: torch.nn.Module | int, weights_path: str | None = None) -> torch.nn.Module:
     """The module that maps uint8 images to features: a family's own, or Inception for an int."""
     return InceptionFeatures(extractor, weights_path) if isinstance(extractor, int) else extractor
@@ -538,18 +578,99 @@ class FeatureBank(Metric):
         return indices[first], features[first]
 
 
+class FeatureSpace(torch.nn.Module):
+    """One feature space of a run: its extractor, FID (torchmetrics, against ``reference`` =
+    (mu, sigma)) and a FeatureBank of the generated features, from which PRDC and KID are computed
+    against ``reference_features`` (skipped where there are none) and features.npz is written.
+
+    ``fd_name`` names its Frechet distance (fid, fid_digits, fd_dinov2); ``suffix`` follows the
+    names of its other metrics and files (precision, ..., features.npz for the run's FID space;
+    precision_dinov2, ..., features_dinov2.npz for DINOv2's).
+    """
+
+    def __init__(
+        self,
+        extractor: torch.nn.Module | int,
+        reference: tuple[np.ndarray, np.ndarray] | None = None,
+        fd_name: str = "fid",
+        suffix: str = "",
+        reference_features: np.ndarray | None = None,
+        weights_path: str | None = None,
+        reference_file: Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.extractor = feature_extractor(extractor, weights_path)
+        self.reference_file = reference_file  # where reference and reference_features were read
+        self.fid = FrechetInceptionDistance(feature=GivenFeatures(feature_dim(extractor)))
+        self.bank = FeatureBank()
+        self.fd_name, self.suffix = fd_name, suffix
+        self.reference = reference
+        self.reference_features = reference_features
+        self.generated: tuple[np.ndarray, np.ndarray] | None = None  # (indices, features) after compute()
+        self._features_key: str | None = None
+
+    @property
+    def features_file(self) -> str:
+        return f"features{self.suffix}.npz"
+
+    def features_key(self) -> str:
+        """What decides the features (extractor_key): saved with them, checked before reuse."""
+        if self._features_key is None:
+            self._features_key = extractor_key(self.extractor)
+        return self._features_key
+
+    def reset_and_load_reference(self, global_rank: int) -> None:
+        """Reset; global rank 0 alone holds the reference (FID's states sum over ranks)."""
+        self.fid.reset()
+        self.bank.reset()
+        self.generated = None
+        if self.reference is None or global_rank != 0:
+            return
+        mu, sigma = (
+            torch.as_tensor(a, dtype=torch.float64, device=self.fid.real_features_sum.device) for a in self.reference
+        )
+        self.fid.real_features_sum = REFERENCE_N * mu
+        self.fid.real_features_cov_sum = (REFERENCE_N - 1) * sigma + REFERENCE_N * torch.outer(mu, mu)
+        self.fid.real_features_num_samples = torch.tensor(REFERENCE_N, device=mu.device)
+
+    def update(self, images: torch.Tensor | None, indices: torch.Tensor, features: torch.Tensor | None = None) -> None:
+        """Feed a batch: its features (extracted from images unless given) and global indices."""
+        if features is None:
+            with torch.no_grad():
+                features = self.extractor(images)
+        # float32, as features.npz keeps them: a rescore from the file gives the same numbers
+        features = features.float()
+        self.fid.update(features, real=False)
+        self.bank.update(features, indices)
+
+    def compute(self, diversity: DiversitySettings, seed: int) -> dict[str, float]:
+        """Its Frechet distance, and PRDC and KID where the reference has features; a collective."""
+        out = {self.fd_name: float(self.fid.compute())}
+        indices, features = self.bank.compute()
+        self.generated = (indices.cpu().numpy(), features.cpu().numpy())
+        if self.reference_features is not None:
+            values = diversity_metrics(self.reference_features, self.generated[1], diversity, seed)
+            out |= {metric_name(name, self.suffix): value for name, value in values.items()}
+        return out
+
+
+def metric_name(name: str, suffix: str) -> str:
+    """kid + _dinov2 -> kid_dinov2; kid_std + _dinov2 -> kid_dinov2_std (the std follows its metric)."""
+    if name.endswith("_std"):
+        return f"{name[:-4]}{suffix}_std"
+    return f"{name}{suffix}"
+
+
 class MetricSuite(torch.nn.Module):
-    """The run's metrics: FID, PRDC and KID in one feature space, against fixed references, plus
-    optional extras.
+    """The run's metrics: FID, PRDC and KID in the run's feature space (and in any ``extra_spaces``,
+    e.g. DINOv2's), against fixed references, plus optional extras.
 
     ``extractor`` maps uint8 images to features (a family's own module, or an int: Inception's pool
-    features of that size from ``weights_path``); each batch is featurised once, and its features
-    feed FID (torchmetrics, against ``reference`` = (mu, sigma)) and a FeatureBank, from which PRDC
-    and KID are computed against ``reference_features`` (skipped where there are none) and which
-    features.npz is written from. ``extras`` maps a name to a torchmetrics Metric and a function
-    (images, labels, prompts) -> arguments of its update(); a SeededInceptionScore is also given the
-    global indices. ``seed`` (the run's seed), when given, seeds KID's subsets and replaces the seed
-    of every SeededInceptionScore among the extras, so that the same run gives the same scores.
+    features of that size from ``weights_path``); each batch is featurised once per space (see
+    FeatureSpace). ``extras`` maps a name to a torchmetrics Metric and a function (images, labels,
+    prompts) -> arguments of its update(); a SeededInceptionScore is also given the global indices.
+    ``seed`` (the run's seed), when given, seeds KID's subsets and replaces the seed of every
+    SeededInceptionScore among the extras, so that the same run gives the same scores.
     """
 
     def __init__(
@@ -562,19 +683,15 @@ class MetricSuite(torch.nn.Module):
         reference_features: np.ndarray | None = None,
         diversity: DiversitySettings | None = None,
         weights_path: str | None = None,
+        extra_spaces: list[FeatureSpace] | None = None,
     ) -> None:
         super().__init__()
-        self.extractor = feature_extractor(extractor, weights_path) if extractor is not None else None
-        fed_features = None if extractor is None else GivenFeatures(feature_dim(extractor))
-        self.fid = None if fed_features is None else FrechetInceptionDistance(feature=fed_features)
-        self.bank = None if extractor is None else FeatureBank()
-        self.fid_name = fid_name
-        self.reference = reference
-        self.reference_features = reference_features
+        spaces = [] if extractor is None else [
+            FeatureSpace(extractor, reference, fid_name, "", reference_features, weights_path)
+        ]
+        self.spaces = torch.nn.ModuleList(spaces + list(extra_spaces or []))
         self.diversity = diversity or DiversitySettings()
         self.seed = int(seed or 0)
-        self.generated: tuple[np.ndarray, np.ndarray] | None = None  # (indices, features) after compute()
-        self._features_key: str | None = None
         self.extras = torch.nn.ModuleDict({name: m for name, (m, _) in (extras or {}).items()})
         self._extra_args = {name: f for name, (_, f) in (extras or {}).items()}
         if seed is not None:  # the run's seed decides the Inception Score's shuffle into groups
@@ -582,19 +699,17 @@ class MetricSuite(torch.nn.Module):
                 if isinstance(metric, SeededInceptionScore):
                     metric.seed = int(seed)
 
+    @property
+    def fid(self) -> FrechetInceptionDistance | None:
+        """The run's own FID metric (its first feature space's)."""
+        return self.spaces[0].fid if len(self.spaces) else None
+
     def reset_and_load_reference(self, global_rank: int) -> None:
-        """Reset every metric; global rank 0 alone holds the reference (states sum over ranks)."""
-        for metric in self.metrics():
+        """Reset every metric; global rank 0 alone holds the references (states sum over ranks)."""
+        for space in self.spaces:
+            space.reset_and_load_reference(global_rank)
+        for metric in self.extras.values():
             metric.reset()
-        self.generated = None
-        if self.fid is None or self.reference is None or global_rank != 0:
-            return
-        mu, sigma = (
-            torch.as_tensor(a, dtype=torch.float64, device=self.fid.real_features_sum.device) for a in self.reference
-        )
-        self.fid.real_features_sum = REFERENCE_N * mu
-        self.fid.real_features_cov_sum = (REFERENCE_N - 1) * sigma + REFERENCE_N * torch.outer(mu, mu)
-        self.fid.real_features_num_samples = torch.tensor(REFERENCE_N, device=mu.device)
 
     @property
     def needs_prompts(self) -> bool:
@@ -603,19 +718,11 @@ class MetricSuite(torch.nn.Module):
 
     @property
     def needs_images(self) -> bool:
-        """Whether a metric other than FID/PRDC/KID reads the images (saved features cannot serve it)."""
+        """Whether a metric other than the feature spaces' reads the images (saved features cannot serve it)."""
         return bool(self.extras)
 
-    def features_key(self) -> str | None:
-        """What decides the features (extractor_key): saved with them, checked before reuse."""
-        if self.extractor is None:
-            return None
-        if self._features_key is None:
-            self._features_key = extractor_key(self.extractor)
-        return self._features_key
-
     def metrics(self) -> list[Metric]:
-        shared = [self.fid, self.bank] if self.fid is not None else []
+        shared = [m for space in self.spaces for m in (space.fid, space.bank)]
         return shared + list(self.extras.values())
 
     def update(
@@ -624,24 +731,19 @@ class MetricSuite(torch.nn.Module):
         labels: torch.Tensor | None = None,
         prompts: list[str] | None = None,
         indices: torch.Tensor | None = None,
-        features: torch.Tensor | None = None,
+        features: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Feed a batch of generated uint8 images (B, C, H, W) and their global sample indices
         (which order the saved features and the Inception Score's features, whatever order the
-        batches come in). ``features``, when given, are the batch's features already extracted
-        (a rescore from features.npz): the extractor is not run, and images may be None where no
-        extra metric needs them."""
-        if self.fid is not None:
-            if features is None:
-                with torch.no_grad():
-                    features = self.extractor(images)
-            # float32, as features.npz keeps them: a rescore from the file gives the same numbers
-            features = features.float()
-            if indices is None:
-                seen = sum(len(i) for i in self.bank.sample_indices)
-                indices = torch.arange(seen, seen + len(features))
-            self.fid.update(features, real=False)
-            self.bank.update(features, indices)
+        batches come in). ``features`` maps a space's suffix ("" for the run's own) to the batch's
+        features already extracted (a rescore from features.npz): that extractor is not run, and
+        images may be None where nothing else needs them."""
+        if indices is None:
+            seen = sum(len(i) for i in self.spaces[0].bank.sample_indices) if len(self.spaces) else 0
+            count = len(images) if images is not None else len(next(iter((features or {}).values())))
+            indices = torch.arange(seen, seen + count)
+        for space in self.spaces:
+            space.update(images, indices, (features or {}).get(space.suffix))
         for name, metric in self.extras.items():
             arguments = self._extra_args[name](images, labels, prompts)
             if isinstance(metric, SeededInceptionScore):
@@ -650,15 +752,11 @@ class MetricSuite(torch.nn.Module):
                 metric.update(*arguments)
 
     def compute(self) -> dict[str, float]:
-        """Every metric's value; a collective under DDP, so call it on every rank. The generated
-        features are kept in ``generated`` (indices, features) for features.npz."""
+        """Every metric's value; a collective under DDP, so call it on every rank. Each space keeps
+        its generated features (``generated``) for its features file."""
         out: dict[str, float] = {}
-        if self.fid is not None:
-            out[self.fid_name] = float(self.fid.compute())
-            indices, features = self.bank.compute()
-            self.generated = (indices.cpu().numpy(), features.cpu().numpy())
-            if self.reference_features is not None:
-                out |= diversity_metrics(self.reference_features, self.generated[1], self.diversity, self.seed)
+        for space in self.spaces:
+            out |= space.compute(self.diversity, self.seed)
         for name, metric in self.extras.items():
             value = metric.compute()
             if isinstance(value, tuple):  # Inception Score: (mean, std)
@@ -672,7 +770,7 @@ class MetricSuite(torch.nn.Module):
 
 # ----------------------------------------------------------------------------------- features on disk
 
-FEATURES_FILE = "features.npz"
+FEATURES_FILE = "features.npz"  # the run's own feature space; another's: features{suffix}.npz
 
 
 def load_features(path: str | Path, with_key: bool = False) -> tuple:

@@ -31,7 +31,9 @@ from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.gmm import GMM, variant_name
 from ddim_gmm_exp.images import png_path
 from ddim_gmm_exp.metrics import (
+    DINOv2Features,
     DiversitySettings,
+    FeatureSpace,
     MetricSuite,
     cached_reference,
     check_reference,
@@ -314,8 +316,13 @@ def build_metrics(
         kid_subsets=metrics.kid_subsets,
         kid_subset_size=metrics.kid_subset_size,
     )
+    extra_spaces = []
     if extractor is not None:
         notes |= diversity_notes(diversity, reference_file, reference_features, num_samples)
+        if metrics.dinov2_enabled:
+            space = dinov2_space(metrics, model, adapter)
+            notes |= diversity_notes(diversity, space.reference_file, space.reference_features, num_samples, "_dinov2")
+            extra_spaces.append(space)
     extras = {}
     for name, metric in {**model.extra_metrics, **metrics.extra}.items():
         if metric.get("enabled", True):
@@ -329,18 +336,48 @@ def build_metrics(
         reference_features=reference_features,
         diversity=diversity,
         weights_path=metrics.fid_weights_path,
+        extra_spaces=extra_spaces,
     )
     return suite, notes
 
 
+def dinov2_space(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter) -> FeatureSpace:
+    """FD, PRDC and KID in DINOv2's features (metrics=dinov2): the reference is metrics.dinov2.reference
+    (an image folder, or an .npz made in these features), else metrics.fid.reference where it is a
+    folder, else the family's real images; folders and real images are featurised once and cached."""
+    extractor = DINOv2Features(metrics.dinov2_path)
+    given = metrics.dinov2_reference
+    if given is None and metrics.fid_reference is not None and Path(metrics.fid_reference).is_dir():
+        given = metrics.fid_reference
+    if given is not None and Path(given).is_dir():
+        path = folder_reference(given, extractor, metrics.cache_dir)
+    elif given is not None:
+        path = Path(given)
+    else:
+        key = json.dumps(model.fingerprint, sort_keys=True)
+        path = cached_reference(adapter, extractor, key, metrics.cache_dir, metrics.fid_reference_samples)
+    reference = load_reference(path)
+    check_reference(*reference, feature_dim(extractor), f"in {str(path)!r} (DINOv2 features)")
+    features = load_reference_features(path)
+    return FeatureSpace(extractor, reference, "fd_dinov2", "_dinov2", features, reference_file=path)
+
+
 def diversity_notes(
-    diversity: DiversitySettings, reference_file: Path, reference_features: Any, num_samples: int
+    diversity: DiversitySettings, reference_file: Path, reference_features: Any, num_samples: int, suffix: str = ""
 ) -> dict[str, Any]:
-    """results.json's record of PRDC and KID: their settings and the reference's features file, or
-    why they are skipped (a reference of mu and sigma only); a ConfigError, before sampling, for
-    settings the sample counts cannot meet."""
+    """results.json's record of PRDC and KID in a feature space (suffix: "" the run's own,
+    "_dinov2"): their settings and the reference's features file, or why they are skipped (a
+    reference of mu and sigma only); a ConfigError, before sampling, for settings the sample counts
+    cannot meet."""
     if not (diversity.prdc or diversity.kid):
         return {}
+    if suffix:  # another space: its reference and whether it has features (the settings are shared)
+        notes = diversity_notes(diversity, reference_file, reference_features, num_samples)
+        renamed = {
+            "diversity_skipped": f"diversity{suffix}_skipped",
+            "reference_features_file": f"reference_features{suffix}_file",
+        }
+        return {renamed[key]: value for key, value in notes.items() if key in renamed}
     if reference_features is None:
         note = (
             f"the FID reference {str(reference_file)!r} holds mu and sigma only: precision/recall, density/coverage "

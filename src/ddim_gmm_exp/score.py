@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ddim_gmm_exp.config import RunSpec, resolve_run
 from ddim_gmm_exp.data import labels_of, prompts_of
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.images import load_png, png_path
-from ddim_gmm_exp.metrics import FEATURES_FILE, MetricSuite, load_features, save_features
+from ddim_gmm_exp.metrics import FeatureSpace, load_features, save_features
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,13 @@ def compose_run(run_dir: Path, overrides: list[str], conf_dir: Path) -> RunSpec:
     return spec
 
 
-def saved_features(run_dir: Path, suite: MetricSuite, n: int) -> np.ndarray | None:
-    """The run's features.npz rows 0..n-1 where it holds all of them, made by this extractor."""
-    path = run_dir / FEATURES_FILE
-    if suite.fid is None or not path.is_file():
+def saved_features(run_dir: Path, space: FeatureSpace, n: int) -> np.ndarray | None:
+    """Rows 0..n-1 of the space's features file where it holds all of them, made by its extractor."""
+    path = run_dir / space.features_file
+    if not path.is_file():
         return None
     indices, features, key = load_features(path, with_key=True)
-    if key != suite.features_key() or not np.array_equal(indices[:n], np.arange(n)):
+    if key != space.features_key() or not np.array_equal(indices[:n], np.arange(n)):
         return None
     return features[:n]
 
@@ -115,43 +116,46 @@ def score_run(run_dir: str | Path, overrides: list[str] = (), conf_dir: Path | N
     missing = [i for i in range(n) if not png_path(run_dir / "samples", i).is_file()]
     adapter = build_adapter(spec.model)
     suite, notes = build_metrics(spec.metrics, spec.model, adapter, n, spec.data.seed)
-    features = saved_features(run_dir, suite, n)
-    if missing and (features is None or suite.needs_images):
+    saved = {space.suffix: saved_features(run_dir, space, n) for space in suite.spaces}
+    saved = {suffix: features for suffix, features in saved.items() if features is not None}
+    needs_images = suite.needs_images or len(saved) < len(suite.spaces)
+    if missing and needs_images:
         raise ConfigError(
             f"{run_dir} lacks {len(missing)} of its {n} samples' PNGs (first: {missing[0]:06d}.png) and its "
-            f"{FEATURES_FILE} cannot serve every metric: nothing is rescored"
+            "saved features cannot serve every metric: nothing is rescored"
         )
     plan = build_plan(spec, adapter, prompts_for(spec, adapter), list(range(n)))
     suite.reset_and_load_reference(0)
     for start in range(0, n, CHUNK):
         chunk = torch.arange(start, min(n, start + CHUNK))
         images = None
-        if features is None or suite.needs_images:
+        if needs_images:
             images = torch.stack([load_png(png_path(run_dir / "samples", int(i))) for i in chunk])
-        suite.update(
-            images,
-            labels_of(chunk, plan.labels),
-            prompts_of(chunk, plan.prompts),
-            indices=chunk,
-            features=None if features is None else torch.from_numpy(features[start : start + len(chunk)]),
-        )
+        features = {suffix: torch.from_numpy(rows[start : start + len(chunk)]) for suffix, rows in saved.items()}
+        suite.update(images, labels_of(chunk, plan.labels), prompts_of(chunk, plan.prompts), chunk, features)
     after = suite.compute()
     results = json.loads((run_dir / RESULTS_FILE).read_text())
     before = dict(results.get("metrics", {}))
-    for key in METRIC_NOTES:
-        results.pop(key, None)
+    for key in [k for k in results if is_metric_note(k)]:
+        results.pop(key)
     results |= notes | {"metrics": after, "settings": spec.settings()}
-    if suite.generated is not None and len(suite.generated[0]):
-        save_features(run_dir / FEATURES_FILE, *suite.generated, key=suite.features_key())
-        results["features_file"] = str(run_dir / FEATURES_FILE)
-    results["rescored"] = {
-        "overrides": list(overrides),
-        "features": "features.npz" if features is not None else "the PNGs",
-    }
+    for space in suite.spaces:
+        if space.generated is not None and len(space.generated[0]):
+            save_features(run_dir / space.features_file, *space.generated, key=space.features_key())
+            results[f"features{space.suffix}_file"] = str(run_dir / space.features_file)
+    source = " and ".join(f"features{suffix}.npz" for suffix in saved) or "the PNGs"
+    if saved and needs_images:
+        source += " and the PNGs"
+    results["rescored"] = {"overrides": list(overrides), "features": source}
     tmp = run_dir / (RESULTS_FILE + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(run_dir / RESULTS_FILE)
-    return {"before": before, "after": after, "source": results["rescored"]["features"]}
+    return {"before": before, "after": after, "source": source}
+
+
+def is_metric_note(key: str) -> bool:
+    """A results.json key that says how the metrics were computed (replaced by a rescore's own)."""
+    return key in METRIC_NOTES or re.fullmatch(r"(reference_)?features_\w+_file|diversity_\w+_skipped", key) is not None
 
 
 def changes(before: dict[str, float], after: dict[str, float]) -> list[str]:
