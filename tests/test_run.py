@@ -12,7 +12,7 @@ from helpers.runs import SMALL, compose_config, pngs, results_of, run_cli, wandb
 from scipy import linalg
 
 from ddim_gmm_exp.images import load_png
-from ddim_gmm_exp.metrics import PixelFeatures, load_reference, statistics_of
+from ddim_gmm_exp.metrics import PixelFeatures, load_features, load_reference, statistics_of
 from ddim_gmm_exp.models.toy import ToyAdapter
 from ddim_gmm_exp.runner import run
 
@@ -117,8 +117,16 @@ def test_ddp_sim_gives_the_same_pngs_and_fid(tmp_path, cache_dir):
     assert two.returncode == 0, two.stderr[-2000:]
     assert results_of(tmp_path / "two")["devices"] == 2
     assert pngs(tmp_path / "one") == pngs(tmp_path / "two")
-    fid_one, fid_two = (results_of(tmp_path / d)["metrics"]["fid"] for d in ("one", "two"))
-    assert fid_one == pytest.approx(fid_two, rel=1e-6)
+    metrics_one, metrics_two = (results_of(tmp_path / d)["metrics"] for d in ("one", "two"))
+    assert metrics_one["fid"] == pytest.approx(metrics_two["fid"], rel=1e-6)
+    # the feature bank gathers both ranks' rows in index order: the same PRDC, KID and features.npz
+    for name in ("precision", "recall", "density", "coverage", "kid", "kid_std"):
+        assert metrics_one[name] == pytest.approx(metrics_two[name], rel=1e-9), name
+    (indices_one, features_one), (indices_two, features_two) = (
+        load_features(tmp_path / d / "features.npz") for d in ("one", "two")
+    )
+    assert indices_two.tolist() == list(range(100)) and np.array_equal(indices_one, indices_two)
+    assert np.allclose(features_one, features_two)
 
 
 def test_wandb_offline_run_holds_config_fid_and_grid(tmp_path, cache_dir):

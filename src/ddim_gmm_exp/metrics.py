@@ -509,8 +509,12 @@ def kernel_inception_distance(
 
     with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the point
         warnings.simplefilter("ignore", UserWarning)
+        # sync_on_compute=False: every rank already holds all the features (a sync would double them)
         metric = KernelInceptionDistance(
-            feature=GivenFeatures(real.shape[1]), subsets=int(subsets), subset_size=int(subset_size)
+            feature=GivenFeatures(real.shape[1]),
+            subsets=int(subsets),
+            subset_size=int(subset_size),
+            sync_on_compute=False,
         )
     metric.update(torch.as_tensor(real, dtype=torch.float64), real=True)
     metric.update(torch.as_tensor(fake, dtype=torch.float64), real=False)
