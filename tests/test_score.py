@@ -123,3 +123,21 @@ def test_a_sweep_is_rescored_job_by_job_and_summarised_again(sweep, tmp_path, ca
     assert printed.count("(features from features.npz)") == 2
     summary = (copy / "summary.md").read_text()
     assert "recall" in summary and "coverage" in summary and "kid" in summary
+
+
+def test_a_resumed_run_keeps_every_index_once_in_its_features(sweep, tmp_path, cache_dir):
+    """A run interrupted after half its PNGs and resumed: features.npz holds each of its samples
+    once, and they are the uninterrupted run's features (the same samples)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(sweep / "0", run_dir)
+    indices_before, features_before = load_features(run_dir / "features.npz")
+    for i in range(50, 100):
+        (run_dir / "samples" / f"{i:06d}.png").unlink()
+    (run_dir / "results.json").unlink()
+    cfg = compose_config([*SMALL, "data.seed=0", f"paths.cache_dir={cache_dir}", "resume=true"], run_dir, cache_dir)
+    results = run(cfg)
+    assert results["sampled_this_run"] == 50
+    indices, features = load_features(run_dir / "features.npz")
+    assert indices.tolist() == list(range(100)) and np.array_equal(indices, indices_before)
+    assert np.array_equal(features, features_before)
+    assert results["metrics"]["fid"] == pytest.approx(results_of(sweep / "0")["metrics"]["fid"], rel=1e-6)
