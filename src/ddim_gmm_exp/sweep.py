@@ -18,7 +18,8 @@ steps made fewer evaluations than the column says shows them ("[19 NFE]").
 Jobs of one data.seed start from the same noise, so both .md files also give each series' (each
 paper cell's) difference from a reference sampler (``summary.reference``; DDIM, or RFIM for flows)
 paired by seed: mean ± std of the per-seed differences and a percentile-bootstrap interval over
-seeds, * where it excludes 0 (pandas groupby/pivot/to_markdown, scipy.stats.bootstrap).
+seeds, * where it excludes 0 (pandas groupby/pivot/to_markdown, scipy.stats.bootstrap); a cell of
+one seed whose two runs saved their features, a paired bootstrap over their samples instead.
 ``summary.select_on`` chooses paper.md's s on some seeds, reports the others and states the
 selection effect. docs/runner.md defines each.
 """
@@ -26,6 +27,7 @@ selection effect. docs/runner.md defines each.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -188,6 +190,9 @@ def _result_row(path: Path, sweep_dir: Path) -> dict[str, Any]:
         # older results.json files lack "settings": their top-level keys are all they say
         "_recorded": isinstance(settings, dict),
         "_settings": settings if isinstance(settings, dict) else {v: row[k] for k, v in LEGACY_SETTINGS.items()},
+        # where the run's saved features are, for the interval over samples of a one-seed cell
+        "_dir": str(path.parent),
+        "_features": {k: v for k, v in result.items() if k in SAMPLE_KEYS or _FEATURES_FILE.fullmatch(k)},
     }
     return row
 
@@ -951,8 +956,8 @@ def _paper_difference_stats(
     if reference is None:
         return None
     reference_cells = best_scale_cells([r for r in rows if r["job"] in reference.jobs], metric, select_on)
-    frame = paper_differences(rows, cells, reference_cells)
-    return None if frame.empty else difference_stats(frame)
+    frame = paper_differences(rows, cells, reference_cells, metric)
+    return None if frame.empty else difference_stats(frame, rows, metric)
 
 
 def _paper_order(table: dict[PaperKey, Cell], order: dict[str, tuple]) -> dict[str, tuple]:
@@ -975,8 +980,9 @@ def _paper_difference_block(
     if stats is None or not (stats["table"] == title).any():
         return []
     rank = _paper_order(table, order)
+    stats = stats[stats["table"] == title]
     markdown = difference_table(
-        stats[stats["table"] == title],
+        stats,
         unit,
         "{:+.3f}",
         "{:.3f}",
@@ -984,7 +990,8 @@ def _paper_difference_block(
         name="sampler",
     )
     return [
-        f"**{title}: {metric} minus the reference, paired by seed** ({difference_header(metric, 'variant')})",
+        f"**{title}: {metric} minus the reference, paired by seed** "
+        f"({difference_header(metric, 'variant', has_sample_intervals(stats))})",
         "",
         markdown,
         "",
@@ -1325,13 +1332,250 @@ def seed_intervals(samples: list[list[float]]) -> list[tuple[float, float] | Non
     return intervals
 
 
-def _paired(cell: dict[Any, float], base: dict[Any, float], **where: Any) -> list[dict[str, Any]]:
-    """One record per seed both ran, in seed order: the cell's value minus its reference's (base)."""
+# A cell of one seed: the interval over the run's samples instead (docs/runner.md). Two runs of one
+# seed made sample i from the same initial noise, so each resample draws sample positions once, with
+# replacement, and takes the same positions in both runs' saved features (features.npz). Only the
+# metrics that are functions of those features alone, and that the naive bootstrap serves: the
+# Frechet distance, precision and density (means over the generated samples of a term of each
+# sample against the fixed reference). Recall and coverage are left out: they rest on the generated
+# set's own k-NN radii or on its distinct members, which duplicates shrink (on 1000 digits, k=5, the
+# resamples' recall averages 0.81 against the run's 0.91, coverage 0.94 against 0.98); KID too: its
+# unbiased MMD^2 pairs every two generated samples, a duplicate pairs one with itself, and one
+# resample costs torchmetrics' 100 subsets (~10 s for 1000 x 128 features). A numpy loop, not
+# scipy.stats.bootstrap: each run's resampled values are computed once and serve every series it is
+# paired with, in summary.md and paper.md alike (cached on the files).
+SAMPLE_BOOTSTRAP_RESAMPLES = 200
+SAMPLE_BOOTSTRAP_SEED = 0  # a fresh generator per run and metric: the same positions in every run of n samples
+# the Frechet distance's resamples cost about B (n F min(n, F) + min(n, F)^3) multiply-adds: a run
+# above this (1000 Inception features, 2048 each: 6e11, ~30 s on one core) gets no interval over samples
+SAMPLE_BOOTSTRAP_MAX_WORK = 1e12
+SAMPLE_KEYS = ("prdc_k", "prdc_samples")  # results.json's PRDC settings, kept on the row with the files
+_FEATURES_FILE = re.compile(r"(reference_)?features(_\w+)?_file")
+# a value recomputed on all samples this far from results.json's (relative, absolute): the features
+# are not the run's, and it gets no interval (the Frechet distance's eigensolver agrees to ~1e-5)
+SAMPLE_CHECK_TOLERANCE = (1e-4, 1e-3)
+
+
+class SampleMetric(NamedTuple):
+    """A metric the bootstrap over samples recomputes: its kind ("fd", "precision", "density") and
+    its feature space (suffix: "" the run's own, "_dinov2")."""
+
+    kind: str
+    suffix: str
+
+
+def sample_metric(row: dict[str, Any], metric: str) -> SampleMetric | None:
+    """What ``metric`` is in a run that saved features (None if it is not one of them): its Frechet
+    distance (model.fid_name in the run's own space, fd{suffix} in another), precision{suffix} or
+    density{suffix}."""
+    for key in row.get("_features") or {}:
+        match = _FEATURES_FILE.fullmatch(key)
+        if match is None or match.group(1):
+            continue
+        suffix = match.group(2) or ""
+        fd_name = (row["_settings"].get("model.fid_name") or "fid") if not suffix else f"fd{suffix}"
+        names = {fd_name: "fd", f"precision{suffix}": "precision", f"density{suffix}": "density"}
+        if metric in names:
+            return SampleMetric(names[metric], suffix)
+    return None
+
+
+def _stamp(path: Path) -> tuple:
+    stat = path.stat()
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def _space_files(row: dict[str, Any], suffix: str) -> tuple[Path, str] | None:
+    """The run's features file of a space (in its own folder, where the sweep moved) and its
+    reference's path as results.json records it; None where either is missing."""
+    files = row.get("_features") or {}
+    features, reference = files.get(f"features{suffix}_file"), files.get(f"reference_features{suffix}_file")
+    if not features or not reference or not Path(reference).is_file():
+        return None
+    local = Path(row.get("_dir", "")) / Path(features).name
+    path = local if local.is_file() else Path(features)
+    return (path, reference) if path.is_file() else None
+
+
+def sample_positions(size: int, resamples: int, seed: int) -> Any:
+    """The resamples' positions: resamples x size, drawn at once, with replacement, from a
+    generator seeded ``seed`` (the same for every run of ``size`` samples)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, size, size=(resamples, size))
+
+
+def frechet_resamples(features: Any, mu: Any, sigma: Any, positions: Any) -> tuple[float, Any]:
+    """The Frechet distance of features (n x F) to (mu, sigma), float64: on all of them and on each
+    row of positions (a resample: rows of features, repeats allowed). tr sqrt(C sigma) is the sum of
+    the square roots of the eigenvalues of sigma^1/2 C sigma^1/2, a symmetric F x F matrix (or the
+    Gram matrix of the distinct rows, where fewer): scipy.linalg.sqrtm's trace, for an eigensolver's
+    cost. A resample is its rows' counts (np.bincount): each distinct row once, weighted."""
+    import numpy as np
+
+    x = np.asarray(features, dtype=np.float64)
+    n, dim = x.shape
+    values, vectors = np.linalg.eigh(np.asarray(sigma, dtype=np.float64))
+    y = x @ ((vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T)  # each row times sigma^1/2
+    squares, offset = (x * x).sum(axis=1), float(np.trace(sigma))
+
+    def distance(rows: Any) -> float:
+        counts = np.bincount(rows, minlength=n)
+        distinct = np.flatnonzero(counts)
+        weights = counts[distinct].astype(np.float64)
+        mean = weights @ x[distinct] / len(rows)
+        trace = (weights @ squares[distinct] - len(rows) * mean @ mean) / (len(rows) - 1)
+        ys = y[distinct]
+        z = np.sqrt(weights / (len(rows) - 1))[:, None] * (ys - weights @ ys / len(rows))
+        gram = z.T @ z if len(distinct) >= dim else z @ z.T  # C's weighted sum of squares, sigma^1/2 each side
+        roots = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0, None)).sum()
+        return float(((mean - mu) ** 2).sum() + trace + offset - 2 * roots)
+
+    return distance(np.arange(n)), np.array([distance(rows) for rows in positions])
+
+
+@functools.lru_cache(maxsize=8)
+def _real_radii(reference: str, stamp: tuple, size: int, k: int) -> tuple[Any, Any]:
+    """PRDC's reference set against ``size`` generated samples (metrics.prdc_samples) and each of its
+    samples' distance to its k-th neighbour, as prdc computes them (float64)."""
+    import numpy as np
+    from prdc.prdc import compute_nearest_neighbour_distances
+
+    from ddim_gmm_exp.metrics import load_reference_features, prdc_samples
+
+    real, _ = prdc_samples(load_reference_features(reference), np.zeros((size, 1)), size)
+    real = np.asarray(real, dtype=np.float64)
+    return real, compute_nearest_neighbour_distances(real, k)
+
+
+def prdc_terms(real: Any, radii: Any, fake: Any, k: int) -> dict[str, Any]:
+    """Each generated sample's share of precision and density against the reference (real, its
+    k-NN radii): whether it lies in any reference sample's ball, and how many balls it lies in / k;
+    the mean over a set of them is that set's precision and density, as prdc computes them."""
+    import numpy as np
+    from prdc.prdc import compute_pairwise_distance
+
+    inside = compute_pairwise_distance(real, np.asarray(fake, dtype=np.float64)) < radii[:, None]
+    return {"precision": inside.any(axis=0).astype(np.float64), "density": inside.sum(axis=0) / float(k)}
+
+
+@functools.lru_cache(maxsize=64)
+def _resampled(
+    features: str, stamp: tuple, reference: str, ref_stamp: tuple, kind: str, options: tuple, resamples: int, seed: int
+) -> tuple:
+    """(the run's sample indices, {metric: (value on all samples, value on each resample)} or None,
+    why none); cached on the files' mtime and size (summary.md and paper.md share it)."""
+    from threadpoolctl import threadpool_limits
+
+    from ddim_gmm_exp.metrics import load_features, load_reference
+
+    indices, x = load_features(features)
+    indices.setflags(write=False)
+    n, dim = x.shape
+    # one BLAS thread: many small products, where threads cost more than they give (20x slower on a busy 2-core box)
+    with threadpool_limits(1):
+        if kind == "fd":
+            side = min(n, dim)
+            work = resamples * (n * dim * side + side**3)
+            if work > SAMPLE_BOOTSTRAP_MAX_WORK:
+                return indices, None, f"{n} x {dim} features: above SAMPLE_BOOTSTRAP_MAX_WORK"
+            full, values = frechet_resamples(x, *load_reference(reference), sample_positions(n, resamples, seed))
+            return indices, {"fd": (full, values)}, ""
+        k, most = options
+        size = min(n, most)  # the first samples, as the run took them (metrics.prdc_samples)
+        real, radii = _real_radii(reference, ref_stamp, size, k)
+        terms = prdc_terms(real, radii, x[:size], k)
+        positions = sample_positions(size, resamples, seed)
+        return indices, {name: (float(t.mean()), t[positions].mean(axis=1)) for name, t in terms.items()}, ""
+
+
+class SampleResamples(NamedTuple):
+    """One run's metric on each resample of its samples, and what must match in its reference run."""
+
+    indices: Any  # the global sample index of each saved row
+    values: Any  # SAMPLE_BOOTSTRAP_RESAMPLES values
+    pairing: tuple  # the reference file, the metric, the PRDC settings
+
+
+def _prdc_options(row: dict[str, Any]) -> tuple[int, int] | None:
+    """(k, the most generated samples PRDC takes) of a run: metrics.prdc.max_samples, or where the
+    settings lack it results.json's prdc_samples; None where results.json has no PRDC settings."""
+    k, size = (row["_features"].get(key) for key in SAMPLE_KEYS)
+    most = row["_settings"].get("metrics.prdc.max_samples", size)
+    return (int(k), int(most)) if _is_number(k) and _is_number(most) else None
+
+
+def sample_resamples(row: dict[str, Any], metric: str) -> SampleResamples | None:
+    """``metric`` of a run on each resample of its saved features (None where it has none, the
+    metric is not one the bootstrap over samples serves, or the features do not give results.json's
+    value on all samples, which is logged)."""
+    which = sample_metric(row, metric)
+    files = None if which is None else _space_files(row, which.suffix)
+    if which is None or files is None or not _is_number(row.get(metric)):
+        return None
+    features, reference = files
+    options = () if which.kind == "fd" else _prdc_options(row)
+    if options is None:
+        return None
+    kind = "fd" if which.kind == "fd" else "prdc"  # precision and density: one computation
+    stamps = _stamp(features), _stamp(Path(reference))
+    indices, values, reason = _resampled(
+        str(features), stamps[0], reference, stamps[1], kind, options, SAMPLE_BOOTSTRAP_RESAMPLES, SAMPLE_BOOTSTRAP_SEED
+    )
+    if values is None:
+        _warn_once(f"no interval over samples for {metric} of job {row['job']}: {reason}")
+        return None
+    full, resampled = values[which.kind]
+    relative, absolute = SAMPLE_CHECK_TOLERANCE
+    if not math.isclose(full, float(row[metric]), rel_tol=relative, abs_tol=absolute):
+        _warn_once(
+            f"no interval over samples for {metric} of job {row['job']}: its features ({features}) give {full:.6g} "
+            f"on all samples, results.json {float(row[metric]):.6g}"
+        )
+        return None
+    return SampleResamples(indices, resampled, (reference, which, options))
+
+
+@functools.lru_cache(maxsize=256)
+def _warn_once(message: str) -> None:
+    """A warning said once, however many cells and tables meet it."""
+    log.warning("%s", message)
+
+
+def sample_interval(row: dict[str, Any], base: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """The 95% percentile interval of ``metric``(row) - ``metric``(base) over SAMPLE_BOOTSTRAP_RESAMPLES
+    paired resamples of their samples (the same positions in both: the same sample indices); None
+    where either lacks it, or they differ in reference, PRDC settings or sample indices."""
+    import numpy as np
+
+    mine, theirs = sample_resamples(row, metric), sample_resamples(base, metric)
+    if mine is None or theirs is None or mine.pairing != theirs.pairing:
+        return None
+    if not np.array_equal(mine.indices, theirs.indices):
+        return None
+    tail = (1 - CONFIDENCE_LEVEL) / 2 * 100
+    low, high = np.percentile(mine.values - theirs.values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _paired(
+    cell: dict[Any, float],
+    base: dict[Any, float],
+    cell_jobs: dict[Any, str] | None = None,
+    base_jobs: dict[Any, str] | None = None,
+    **where: Any,
+) -> list[dict[str, Any]]:
+    """One record per seed both ran, in seed order: the cell's value minus its reference's (base),
+    and the two jobs (where given)."""
     seeds = sorted(cell.keys() & base.keys(), key=_seed_order)
-    return [where | {"seed": seed, "difference": cell[seed] - base[seed]} for seed in seeds]
+    jobs, base_jobs = cell_jobs or {}, base_jobs or {}
+    return [
+        where | {"seed": s, "difference": cell[s] - base[s], "job": jobs.get(s), "reference_job": base_jobs.get(s)}
+        for s in seeds
+    ]
 
 
-DIFFERENCE_COLUMNS = ["table", "series", "reference", "x", "seed", "difference"]
+DIFFERENCE_COLUMNS = ["table", "series", "reference", "x", "seed", "difference", "job", "reference_job"]
 
 
 def summary_differences(rows: list[dict[str, Any]], metric: str, reference: Reference) -> pd.DataFrame:
@@ -1341,29 +1585,39 @@ def summary_differences(rows: list[dict[str, Any]], metric: str, reference: Refe
     import pandas as pd
 
     values = seed_values(rows, metric)
+    jobs: dict[tuple, dict[Any, str]] = defaultdict(dict)  # as seed_values: (series, x) -> {seed: job}
     first: dict[str, dict[str, Any]] = {}
     for row in counted(rows):
         first.setdefault(series_label(row), row)
+        if _is_number(row.get(metric)):
+            jobs[(series_label(row), x_value(row))][_hashable(row.get("seed"))] = row["job"]
     refs = sorted(label for label, row in first.items() if row["job"] in reference.jobs)
     matches = {label: [r for r in refs if same_context(row, first[r])] for label, row in first.items()}
     records = []
     for (label, x), by_seed in sorted(values.items(), key=lambda kv: (kv[0][0], _seed_order(kv[0][1]))):
         for ref in [] if label in refs else matches[label]:
-            records += _paired(by_seed, values.get((ref, x), {}), table="", series=label, reference=ref, x=x)
+            base, where = values.get((ref, x), {}), dict(table="", series=label, reference=ref, x=x)
+            records += _paired(by_seed, base, jobs[(label, x)], jobs.get((ref, x)), **where)
     return pd.DataFrame.from_records(records, columns=DIFFERENCE_COLUMNS)
 
 
 def paper_differences(
-    rows: list[dict[str, Any]], cells: dict[PaperKey, Cell], reference_cells: dict[PaperKey, Cell]
+    rows: list[dict[str, Any]],
+    cells: dict[PaperKey, Cell],
+    reference_cells: dict[PaperKey, Cell],
+    metric: str | None = None,
 ) -> pd.DataFrame:
     """One record per (paper table, variant, reference, x, seed): the cell's value (at its chosen s)
     minus the value of the reference's cell of the same table and x (same_context), at each seed
-    both report."""
+    both report, and the two jobs (those of ``metric``'s values, as scale_candidates takes them)."""
     import pandas as pd
 
     first: dict[PaperKey, dict[str, Any]] = {}
+    jobs: dict[tuple, dict[Any, str]] = defaultdict(dict)  # (cell, s) -> {seed: job}
     for row in counted(rows):
         first.setdefault(paper_key(row)._replace(steps=None), row)
+        if metric is not None and _is_number(row.get(metric)):
+            jobs[(paper_key(row), row.get("gmm_scale"))][_hashable(row.get("seed"))] = row["job"]
     reference_series = {key._replace(steps=None) for key in reference_cells}
     tables = [(setting, eta) for setting in sorted({k.setting for k in cells}) for eta in _etas(cells, setting)]
     records = []
@@ -1379,7 +1633,8 @@ def paper_differences(
                 reference=_cell_reference(ref_key, ref_cell),
                 x=key.steps,
             )
-            records += _paired(_by_seed(cell), _by_seed(ref_cell), **where)
+            cell_jobs, base_jobs = jobs.get((key, cell.scale)), jobs.get((ref_key, ref_cell.scale))
+            records += _paired(_by_seed(cell), _by_seed(ref_cell), cell_jobs, base_jobs, **where)
     return pd.DataFrame.from_records(records, columns=DIFFERENCE_COLUMNS)
 
 
@@ -1391,12 +1646,27 @@ def _cell_reference(key: PaperKey, cell: Cell) -> str:
     return _series_name(key.series, key.n_components) + ("" if cell.scale is None else " (its best s)")
 
 
-def difference_stats(frame: pd.DataFrame) -> pd.DataFrame:
+def difference_stats(
+    frame: pd.DataFrame, rows: list[dict[str, Any]] | None = None, metric: str | None = None
+) -> pd.DataFrame:
     """Per (table, series, reference, x): mean and std (n - 1) of the per-seed differences, their
-    count n and the bootstrap interval of the mean (seed_interval; None for one seed)."""
-    grouped = frame.groupby(["table", "series", "reference", "x"], sort=False)["difference"]
+    count n and the bootstrap interval of the mean (seed_interval), and what it is over ("seeds").
+    Given the ``rows`` and ``metric``, a cell of one seed whose two jobs saved features gets the
+    interval over their samples instead (sample_interval, "samples"); else none (None)."""
+    keys = ["table", "series", "reference", "x"]
+    grouped = frame.groupby(keys, sort=False)["difference"]
     stats = grouped.agg(mean=lambda d: _mean(list(d)), std=lambda d: _std(list(d)), n="count")
     stats["interval"] = seed_intervals(grouped.agg(list).tolist())
+    stats["over"] = ["seeds" if i is not None else None for i in stats["interval"]]
+    if rows is not None and metric is not None:
+        by_job = {row["job"]: row for row in rows}
+        jobs = frame.groupby(keys, sort=False)[["job", "reference_job"]].first()
+        for place, (n, job, base) in enumerate(zip(stats["n"], jobs["job"], jobs["reference_job"], strict=True)):
+            if n == 1 and job in by_job and base in by_job:
+                found = sample_interval(by_job[job], by_job[base], metric)
+                if found is not None:
+                    stats.iat[place, stats.columns.get_loc("interval")] = found
+                    stats.iat[place, stats.columns.get_loc("over")] = "samples"
     return stats.reset_index()
 
 
@@ -1404,24 +1674,45 @@ def excludes_zero(interval: tuple[float, float] | None) -> bool:
     return interval is not None and (interval[0] > 0 or interval[1] < 0)
 
 
-def difference_text(mean: float, std: float | None, interval: tuple | None, number: str, spread: str) -> str:
-    """ "mean ± std [low, high]" with * where the interval excludes 0; one seed: "mean (n=1, no interval)"."""
+SAMPLES_MARK = "samples: "  # the interval of a one-seed cell, over its samples: "+0.5 [samples: +0.2, +0.8]*"
+
+
+def difference_text(
+    mean: float, std: float | None, interval: tuple | None, number: str, spread: str, over: str | None = "seeds"
+) -> str:
+    """ "mean ± std [low, high]" with * where the interval excludes 0; one seed: "mean [samples: low,
+    high]" with its interval over samples, else "mean (n=1, no interval)"."""
     if interval is None:
         return f"{number.format(mean)} (n=1, no interval)"
     low, high = interval
+    if over == "samples":
+        text = f"{number.format(mean)} [{SAMPLES_MARK}{number.format(low)}, {number.format(high)}]"
+        return text + (EXCLUDES_ZERO_MARK if excludes_zero(interval) else "")
     text = f"{number.format(mean)} ± {spread.format(std)} [{number.format(low)}, {number.format(high)}]"
     return text + (EXCLUDES_ZERO_MARK if excludes_zero(interval) else "")
 
 
-def difference_header(metric: str, what: str) -> str:
-    """What a difference table's cell is, and which sign favours the series."""
+def difference_header(metric: str, what: str, samples: bool = False) -> str:
+    """What a difference table's cell is, and which sign favours the series; ``samples``: some cell
+    has an interval over samples, which it says too."""
     sign = "positive" if better_direction(metric) == "higher is better" else "negative"
+    over_samples = (
+        f"; one seed: [{SAMPLES_MARK}...], the {CONFIDENCE_LEVEL:.0%} {BOOTSTRAP_METHOD} interval of the difference "
+        f"over {SAMPLE_BOOTSTRAP_RESAMPLES} resamples of the two runs' samples paired by sample index (the "
+        "metric's sampling noise given the initial noise, not the spread over seeds)"
+        if samples
+        else ""
+    )
     return (
         f"{what} minus its reference on the same seed: mean ± std over seeds "
         f"[{CONFIDENCE_LEVEL:.0%} {BOOTSTRAP_METHOD} bootstrap interval of the mean over seeds; with 3 seeds or "
-        f"fewer it is the range of the differences]; {EXCLUDES_ZERO_MARK}: the interval excludes 0; n: seeds "
-        f"both ran. For {metric} {better_direction(metric)}: a {sign} difference favours the {what}."
+        f"fewer it is the range of the differences{over_samples}]; {EXCLUDES_ZERO_MARK}: the interval excludes 0; "
+        f"n: seeds both ran. For {metric} {better_direction(metric)}: a {sign} difference favours the {what}."
     )
+
+
+def has_sample_intervals(stats: pd.DataFrame | None) -> bool:
+    return stats is not None and bool((stats["over"] == "samples").any())
 
 
 def difference_table(
@@ -1432,7 +1723,7 @@ def difference_table(
     import pandas as pd
 
     cells = stats.assign(
-        text=[difference_text(r.mean, r.std, r.interval, number, spread) for r in stats.itertuples()],
+        text=[difference_text(r.mean, r.std, r.interval, number, spread, r.over) for r in stats.itertuples()],
         n=stats["n"].astype(str),
     )
     wide = cells.pivot(index=["series", "reference"], columns="x", values=["text", "n"])
@@ -1449,11 +1740,13 @@ def difference_markdown(rows: list[dict[str, Any]], metric: str, reference: Refe
     frame = summary_differences(rows, metric, reference)
     if frame.empty:
         return ""
+    stats = difference_stats(frame, rows, metric)
+    header = difference_header(metric, "series", has_sample_intervals(stats))
     lines = [
         "",
-        f"**{metric} minus the reference ({reference.name}), paired by seed** ({difference_header(metric, 'series')})",
+        f"**{metric} minus the reference ({reference.name}), paired by seed** ({header})",
         "",
-        difference_table(difference_stats(frame), x_unit(rows), "{:+.4g}", "{:.2g}"),
+        difference_table(stats, x_unit(rows), "{:+.4g}", "{:.2g}"),
         "",
     ]
     return "\n".join(lines)
