@@ -70,12 +70,19 @@ def experiment_sweep(experiment: str) -> dict[str, str]:
 
 
 def shrunk_sweep(experiment: str) -> list[str]:
-    """The experiment's own sweep cut to its first two values of the first swept key and the
-    first value of every other (command-line sweeps take precedence over the file's)."""
+    """The experiment's own sweep cut to two jobs: the first two values of the first swept key and
+    the first value of every other (command-line sweeps take precedence over the file's); an
+    experiment that chooses s on some seeds (summary.select_on) keeps two seeds instead, one to
+    choose on and one to report."""
+    import yaml
+
+    spec = yaml.safe_load((CONF_DIR / "experiment" / f"{experiment}.yaml").read_text())
+    doubled = "data.seed" if (spec.get("summary") or {}).get("select_on") is not None else None
     args = []
     for i, (key, values) in enumerate(experiment_sweep(experiment).items()):
         choices = str(values).split(",")
-        args.append(f"{key}={','.join(choices[:2] if i == 0 else choices[:1])}")
+        two = key == doubled if doubled else i == 0
+        args.append(f"{key}={','.join(choices[:2] if two else choices[:1])}")
     return args
 
 
