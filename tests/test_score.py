@@ -141,3 +141,22 @@ def test_a_resumed_run_keeps_every_index_once_in_its_features(sweep, tmp_path, c
     assert indices.tolist() == list(range(100)) and np.array_equal(indices, indices_before)
     assert np.array_equal(features, features_before)
     assert results["metrics"]["fid"] == pytest.approx(results_of(sweep / "0")["metrics"]["fid"], rel=1e-6)
+
+
+def test_a_reference_of_mu_and_sigma_only_gives_fid_and_says_why_not_prdc(sweep, tmp_path, cache_dir, caplog):
+    """An EDM-style .npz without features: FID as before, PRDC and KID skipped with one warning
+    line, and results.json says why."""
+    import logging
+
+    from ddim_gmm_exp.metrics import load_reference, save_reference
+
+    # the toy's own reference (192 pixel features; the cache may hold other extractors' too)
+    mu, sigma = next(r for r in map(load_reference, sorted(cache_dir.glob("fid_ref_*.npz"))) if r[0].shape == (192,))
+    save_reference(tmp_path / "ref.npz", mu, sigma)
+    overrides = [*SMALL, f"metrics.fid.reference={tmp_path / 'ref.npz'}", f"paths.cache_dir={cache_dir}"]
+    with caplog.at_level(logging.WARNING):
+        results = run(compose_config(overrides, tmp_path / "run", cache_dir))
+    assert "fid" in results["metrics"] and "precision" not in results["metrics"] and "kid" not in results["metrics"]
+    assert "holds mu and sigma only" in results["diversity_skipped"] and "prdc_k" not in results
+    assert sum("PRDC/KID skipped" in r.getMessage() for r in caplog.records) == 1
+    assert results["metrics"]["fid"] == pytest.approx(results_of(sweep / "0")["metrics"]["fid"], rel=1e-6)
