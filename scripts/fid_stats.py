@@ -1,4 +1,5 @@
-"""Make FID reference statistics (an EDM-style .npz with mu and sigma).
+"""Make FID reference statistics (an EDM-style .npz with mu and sigma, and the real features that
+precision/recall, density/coverage and KID need).
 
     # from a folder of real images (PNG/JPEG), in Inception features (local weights file)
     python scripts/fid_stats.py --images data/cifar10_train --features inception \
@@ -23,8 +24,8 @@ from ddim_gmm_exp.metrics import (
     check_reference,
     feature_dim,
     image_folder_batches,
+    reference_of,
     save_reference,
-    statistics_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             dim = batches[0][0].numel()
             extractor = 2048 if args.features == "inception" else PixelFeatures(dim)
         # fewer than 2 images or non-finite features are refused here, before anything is written
-        mu, sigma = statistics_of(extractor, batches, args.weights_path)
+        mu, sigma, features = reference_of(extractor, batches, args.weights_path)
         check_reference(mu, sigma, feature_dim(extractor), f"for {args.out}")  # warns if singular
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    save_reference(args.out, mu, sigma)
-    print(f"{args.out}: mu {mu.shape}, sigma {sigma.shape}")
+    save_reference(args.out, mu, sigma, features=features)
+    print(f"{args.out}: mu {mu.shape}, sigma {sigma.shape}, features {features.shape}")
     return 0
 
 

@@ -157,6 +157,7 @@ def test_fid_stats_script_from_an_image_folder(tmp_path):
     features = images.flatten(1).double().numpy() / 255
     with np.load(out) as ref:
         assert np.allclose(ref["mu"], features.mean(0)) and np.allclose(ref["sigma"], np.cov(features, rowvar=False))
+        assert np.allclose(ref["features"], features, atol=1e-7)  # what PRDC and KID read
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "exists" in again.stderr
 
