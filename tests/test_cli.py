@@ -74,6 +74,7 @@ from ddim_gmm_exp.runner import run
         # summary settings are read when a sweep ends: refused before its jobs sample
         (["summary.select_on=[zero]"], r'summary.select_on=\["zero"\] is not allowed: a list of data.seed values'),
         (["summary.reference=''"], "summary.reference='' is not allowed: a variant or series name"),
+        (["data.noise_device=gpu"], "data.noise_device='gpu' is not allowed: choose one of cpu, device"),
     ],
 )
 def test_bad_input_is_refused_before_sampling(overrides, message, tmp_path, cache_dir):

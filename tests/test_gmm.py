@@ -272,15 +272,21 @@ def test_component_draws_follow_the_generators_device(monkeypatch):
     cuda_generator = MagicMock(spec=torch.Generator)
     cuda_generator.device = torch.device("cuda", 0)
     calls = []
+    real_empty = torch.empty
 
-    def fake_rand(shape, generator=None, device=None, dtype=None):
-        calls.append((generator, torch.device(device)))
-        return torch.full(shape, 0.5, dtype=dtype)
+    def fake_empty(shape, dtype=None, device=None, pin_memory=False):
+        calls.append(("empty", torch.device(device)))
+        return real_empty(shape, dtype=dtype)
 
-    monkeypatch.setattr(noise.torch, "rand", fake_rand)
+    def fake_fill(out, draw, generator):
+        calls.append(("fill", generator))
+        out.fill_(0.5)
+
+    monkeypatch.setattr(noise.torch, "empty", fake_empty)
+    monkeypatch.setattr(noise, "_fill", fake_fill)
     gmm = GMM().initialize(dim=16, n_components=4, n_steps=1)
     components = gmm.draw_components(0, 3, cuda_generator)
-    assert calls == [(cuda_generator, torch.device("cuda", 0))]
+    assert calls == [("empty", torch.device("cuda", 0)), ("fill", cuda_generator)]
     assert components.device == gmm.device and components.tolist() == [2, 2, 2]
 
 

@@ -58,7 +58,8 @@ def compvis_ddim_eta0(model, x_T, num_steps, n_run=None, cond=None, uncond=None,
 
     Runs the least noisy ``n_run`` timesteps (decode's t_start), with guidance scales[i] at the
     i-th step run; with a paper-construction ``gmm`` each step but the last adds delta_{step, k},
-    step = the index in the full run, k drawn as METHOD.md says (z first, then one uniform).
+    step = the index in the full run, k drawn from one uniform (no z: at eta = 0 it would be
+    multiplied by zero, so it is not drawn; docs/method.md).
     """
     T = model.num_timesteps
     abar = model.alphas_cumprod.numpy()
@@ -78,7 +79,6 @@ def compvis_ddim_eta0(model, x_T, num_steps, n_run=None, cond=None, uncond=None,
         x = np.sqrt(alphas_prev[index]) * pred_x0 + np.sqrt(1 - alphas_prev[index]) * e_t
         step = n_total - 1 - index
         if gmm is not None and step < n_total - 1:
-            torch.randn(x.shape, generator=g, dtype=torch.float64)  # z, unused at sigma = 0
             u = torch.rand(x.shape[0], generator=g, dtype=torch.float64).numpy()
             cum = np.cumsum(gmm.step_parameters(step)["priors"].double().numpy())
             k = np.minimum(np.searchsorted(cum, u, side="right"), len(cum) - 1)
@@ -406,7 +406,7 @@ def test_decode_uses_the_gmm_steps_of_the_full_schedule(model, monkeypatch):
     assert np.abs(decoded.numpy() - expected).max() < 1e-9
     steps = []
     perturbation = gmm.perturbation
-    monkeypatch.setattr(gmm, "perturbation", lambda i, *args: steps.append(i) or perturbation(i, *args))
+    monkeypatch.setattr(gmm, "perturbation", lambda i, *args, **kw: steps.append(i) or perturbation(i, *args, **kw))
     sampler.decode(z, None, 5)
     assert steps == [3, 4, 5, 6]  # the last step (7) is DDIM's Gaussian
     # decoding the whole schedule is sampling, draw for draw

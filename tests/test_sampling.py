@@ -234,15 +234,34 @@ def test_ddim_step_needs_noise_when_eta_positive():
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_kernel_noise_draws_z_first_then_components(eta):
-    """The generator's first draw is z, exactly diffusers' variance noise; then one uniform per sample."""
+    """eta > 0: the generator's first draw is z, exactly diffusers' variance noise; then one uniform
+    per sample. eta = 0: z would be multiplied by zero, so the uniform is the only draw."""
     gmm = GMM().initialize(dim=48, n_components=4, n_steps=2)
     z, components = kernel_noise(SHAPE, torch.Generator().manual_seed(3), gmm=gmm, num_steps=2, eta=eta)
     g = torch.Generator().manual_seed(3)
-    assert torch.equal(z, randn_tensor(SHAPE, generator=g))
+    if eta > 0:
+        assert torch.equal(z, randn_tensor(SHAPE, generator=g))
+    else:
+        assert z is None
     assert torch.equal(components, gmm.draw_components(0, SHAPE[0], g))
+    assert torch.rand(1, generator=g).item() != torch.rand(1, generator=torch.Generator().manual_seed(3)).item()
     # the last step does not mix: z only when eta > 0, and no component
     z, components = kernel_noise(SHAPE, torch.Generator(), gmm=gmm, step_index=1, num_steps=2, eta=eta)
     assert components is None and (z is None) == (eta == 0)
+
+
+def test_an_eta_zero_mixture_step_is_the_offset_alone():
+    """At eta = 0 the paper's step is m + delta_k: the same as drawing a z and multiplying it by the
+    clipped std sqrt(max(0 - v_k, 0)) = 0, which is why no z is drawn."""
+    gmm = GMM().initialize(dim=48, n_components=4, n_steps=2)
+    out, x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)), torch.randn(SHAPE)
+    abar_t, abar_s = torch.tensor(0.5), torch.tensor(0.8)
+    k = torch.tensor([0, 3])
+    without_z = ddim_step(out, x, abar_t, abar_s, 0.0, None, gmm=gmm, components=k)[0]
+    with_z = ddim_step(out, x, abar_t, abar_s, 0.0, torch.randn(SHAPE), gmm=gmm, components=k)[0]
+    mean = ddim_step(out, x, abar_t, abar_s, 0.0)[0]
+    assert torch.equal(without_z, with_z)
+    assert torch.equal(without_z - mean, (gmm.offsets(0)[k].reshape(SHAPE) + mean) - mean)
 
 
 @pytest.mark.parametrize("construction", ["matched_diagonal", "matched_full"])

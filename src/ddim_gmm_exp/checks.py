@@ -21,6 +21,7 @@ from ddim_gmm_exp.controls import IsotropicOffsetKernel
 from ddim_gmm_exp.data import read_prompts, resolve_labels
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.gmm import GMMHyperparameters
+from ddim_gmm_exp.noise import NOISE_DEVICES
 from ddim_gmm_exp.samplers import (
     FAMILIES,
     ddim_scheduler,
@@ -88,6 +89,10 @@ def check_data(spec: RunSpec) -> None:
     if isinstance(data.labels, str) and data.labels != "balanced":
         raise ConfigError(f"data.labels={data.labels!r} is not allowed: use 'balanced', a list of class ids, or null")
     read_prompts(data.prompts_file)  # readable and not empty
+    if data.noise_device not in NOISE_DEVICES:
+        raise ConfigError(
+            f"data.noise_device={data.noise_device!r} is not allowed: choose one of {', '.join(NOISE_DEVICES)}"
+        )
 
 
 def check_nfe_budget(spec: RunSpec) -> None:

@@ -69,6 +69,7 @@ class DataSpec:
     seed: Any
     labels: Any
     prompts_file: str | None
+    noise_device: Any = "cpu"  # per-sample generators on the CPU (any device, same image) or the sampling device
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ class RunSpec:
             **self.sampler.options,
         }
         data = {k: v for k, v in vars(self.data).items() if k != "batch_size"}
+        if data["noise_device"] == "cpu":  # the default keeps the fingerprints of runs from before the key
+            del data["noise_device"]
         keep = {"model": self.model.fingerprint, "sampler": sampler, "data": data}
         if self.sampler.uses_gmm:
             keep["gmm"] = self.sampler.gmm
@@ -267,7 +270,9 @@ def resolve_run(
     function_path = sampler["function"]
     takes = option_names(resolve_function(function_path))
     options = {k: v for k, v in sampler.items() if k not in RUN_KEYS}
-    data = {k: plain(cfg.data[k]) for k in ("num_samples", "batch_size", "seed", "labels", "prompts_file")}
+    data = {
+        k: plain(cfg.data[k]) for k in ("num_samples", "batch_size", "seed", "labels", "prompts_file", "noise_device")
+    }
     budget = cfg.get("nfe")
     steps = sampler["steps"]
     if isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1:  # else checks refuse it

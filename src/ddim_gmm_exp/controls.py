@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddim_gmm_exp.noise import Generators, randn
+from ddim_gmm_exp.noise import Draw, Generators, randn
 
 
 @dataclass(frozen=True)
@@ -64,17 +64,33 @@ class IsotropicOffsetKernel:
     def check_shape(self, shape: tuple[int, ...]) -> None:
         """Any sample shape."""
 
+    def mixture_draw(self, shape: tuple[int, ...]) -> Draw:
+        """What a step draws from each sample's stream after its z: u ~ N(0, I), float64."""
+        return Draw("randn", tuple(shape[1:]), torch.float64)
+
+    def components_from_draw(self, step_index: int, u: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """s u / ||u|| per sample, in ``dtype``."""
+        norms = u.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        return (self.hparams.scale * u / norms.view(-1, *([1] * (u.dim() - 1)))).to(dtype or torch.get_default_dtype())
+
     def draw_components(
         self, step_index: int, batch_size: int, generator: Generators, *, like: torch.Tensor
     ) -> torch.Tensor:
         """s u / ||u|| per sample, u ~ N(0, I) from the sample's own generator (after z)."""
         u = randn(like.shape, generator, device=like.device, dtype=torch.float64)
-        norms = u.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-        return (self.hparams.scale * u / norms.view(-1, *([1] * (u.dim() - 1)))).to(like.dtype)
+        return self.components_from_draw(step_index, u, like.dtype)
 
-    def perturbation(self, step_index: int, sigma: float, z: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-        """x_s - m = sigma z + s u / ||u||."""
-        return sigma * z + components
+    def perturbation(
+        self,
+        step_index: int,
+        sigma: float | torch.Tensor,
+        z: torch.Tensor | None,
+        components: torch.Tensor,
+        *,
+        like: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x_s - m = sigma z + s u / ||u|| (the offset alone at eta = 0, where no z is drawn)."""
+        return components if z is None else sigma * z + components
 
 
 @dataclass
@@ -87,10 +103,10 @@ class VarianceAccount:
     dim: int
     sum_sq: dict[int, float] = field(default_factory=dict)
     count: dict[int, int] = field(default_factory=dict)
-    sigma: dict[int, float] = field(default_factory=dict)
+    sigma: dict[int, float | torch.Tensor] = field(default_factory=dict)  # tensors read back after the run
     per_sample: dict[int, torch.Tensor] | None = None
 
-    def on_mean(self, step_index: int, x_s: torch.Tensor, mean: torch.Tensor, sigma: float) -> None:
+    def on_mean(self, step_index: int, x_s: torch.Tensor, mean: torch.Tensor, sigma: float | torch.Tensor) -> None:
         """Called by the sampling loop with each step's output and mean."""
         # kept on the device (no sync per step); read out once, in summary() or per batch
         distance = (x_s.double() - mean.double()).flatten(1).pow(2).sum(1)
@@ -98,7 +114,7 @@ class VarianceAccount:
             self.per_sample[step_index] = distance
         self.sum_sq[step_index] = self.sum_sq.get(step_index, 0.0) + distance.sum()
         self.count[step_index] = self.count.get(step_index, 0) + x_s.shape[0]
-        self.sigma[step_index] = float(sigma)
+        self.sigma[step_index] = sigma
 
     def __call__(self, i: int, t: torch.Tensor, x_s: torch.Tensor, x0: torch.Tensor) -> None:
         """The plain step callback: nothing to do (on_mean carries the account)."""
@@ -106,7 +122,10 @@ class VarianceAccount:
     def on_cpu(self) -> VarianceAccount:
         """The same account with plain floats (to send between ranks)."""
         return VarianceAccount(
-            self.dim, {i: float(v) for i, v in self.sum_sq.items()}, dict(self.count), dict(self.sigma)
+            self.dim,
+            {i: float(v) for i, v in self.sum_sq.items()},
+            dict(self.count),
+            {i: float(v) for i, v in self.sigma.items()},
         )
 
     def merged(self, other: VarianceAccount) -> VarianceAccount:
@@ -127,7 +146,7 @@ class VarianceAccount:
             {
                 "step": i,
                 "mean_sq_distance": float(self.sum_sq[i]) / self.count[i],
-                "sigma_sq_times_d": self.sigma[i] ** 2 * self.dim,
+                "sigma_sq_times_d": float(self.sigma[i]) ** 2 * self.dim,
             }
             for i in steps
         ]
@@ -163,7 +182,7 @@ def save_sample_account(account: VarianceAccount, indices: Sequence[int], direct
             file,
             indices=indices,
             steps=np.asarray(steps, dtype=np.int64),
-            sigma=np.asarray([account.sigma[i] for i in steps]),
+            sigma=np.asarray([float(account.sigma[i]) for i in steps]),
             sq_distance=torch.stack([account.per_sample[i] for i in steps], dim=1).cpu().numpy(),
         )
     os.replace(tmp, path)

@@ -100,6 +100,18 @@ def _init(self: DDIMScheduler, *args: Any, **kwargs: Any) -> None:
 _init.__signature__ = _merged_signature(diffusers.DDIMScheduler.__init__, EXTRA_CONFIG_DEFAULTS)
 
 
+def index_of_entry(values: torch.Tensor, entry: Any) -> int | None:
+    """i where ``entry`` is the element values[i] itself (a view of it, as ``for t in
+    scheduler.timesteps`` yields), found from the storage offset, without reading the value
+    back from the device; None for anything else (a number, another tensor)."""
+    if not isinstance(entry, torch.Tensor) or entry.dim() != 0 or values.dim() != 1 or values.stride(0) == 0:
+        return None
+    if entry.untyped_storage().data_ptr() != values.untyped_storage().data_ptr():
+        return None
+    i, rest = divmod(entry.storage_offset() - values.storage_offset(), values.stride(0))
+    return i if rest == 0 and 0 <= i < values.shape[0] else None
+
+
 def hyperparameters_from_config(config: Any) -> GMMHyperparameters:
     """The GMM hyperparameters stored in a scheduler config's gmm_* keys."""
     get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
@@ -178,7 +190,9 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             self.timesteps, self.num_inference_steps = previous
             raise
         self._step_sigmas = {}
-        self._step_index_of = {int(t): i for i, t in reversed(list(enumerate(self.timesteps.tolist())))}
+        # host copies, read once here: step() looks timesteps up without reading the device
+        self._timesteps_host = [int(t) for t in self.timesteps.tolist()]
+        self._step_index_of = {t: i for i, t in reversed(list(enumerate(self._timesteps_host)))}
         if gmm is not self.gmm_params:
             self.gmm_params = gmm
             self._gmm_by_device = {gmm.device: gmm}
@@ -190,21 +204,29 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         here, from each step's recorded sigma, not on the sampling path."""
         if not self._step_sigmas or self.gmm_params is None:
             return None
-        mixing = {i: sigma for i, sigma in self._step_sigmas.items() if sigma is not None}
+        mixing = {i: float(sigma) for i, sigma in self._step_sigmas.items() if sigma is not None}
         if not mixing:
             return 0.0
         return float(np.mean([self.gmm_params.step_clipped_fraction(i, s) for i, s in mixing.items()]))
 
     def step_index_of(self, timestep: int | torch.Tensor) -> int:
-        """Position of ``timestep`` in ``self.timesteps``: the GMM step index i."""
+        """Position of ``timestep`` in ``self.timesteps``: the GMM step index i.
+
+        An element of ``self.timesteps`` itself (what ``for t in scheduler.timesteps`` yields) is
+        found without reading its value back from the device; a number, or another tensor (read
+        once, a host synchronisation on a GPU), is looked up by value.
+        """
         if self.num_inference_steps is None:
             raise ValueError(
                 "Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler"
             )
+        i = index_of_entry(self.timesteps, timestep)
+        if i is not None:
+            return i
         t = int(timestep)
         if t not in self._step_index_of:
             raise ValueError(
-                f"timestep={t} is not one of the scheduler's timesteps {self.timesteps.tolist()}: "
+                f"timestep={t} is not one of the scheduler's timesteps {self._timesteps_host}: "
                 "pass the timesteps of scheduler.timesteps"
             )
         return self._step_index_of[t]
@@ -241,8 +263,9 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         i = self.step_index_of(timestep)
         check_eta(eta)
         check_prediction_type(self.config.prediction_type)
-        abar_t = self.alphas_cumprod[int(timestep)]
-        abar_prev = self._previous_abar(int(timestep), i)
+        t = self._timesteps_host[i]
+        abar_t = self.alphas_cumprod[t]
+        abar_prev = self._previous_abar(t, i)
         gmm = self._gmm_on(model_output.device)
         if not self._warned_eta_zero:
             self._warned_eta_zero = warn_if_gmm_is_inert(gmm, eta)
@@ -268,7 +291,7 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         )
         if gmm is not None:  # for clipped_fraction: the sigma of a mixing step (None for the others), once it ran
             mixes = gmm.mixes_at(i, len(self.timesteps), eta)
-            self._step_sigmas[i] = float(ddim_sigma(abar_t, abar_prev, eta)) if mixes else None
+            self._step_sigmas[i] = ddim_sigma(abar_t, abar_prev, eta) if mixes else None  # read in clipped_fraction
         if not return_dict:
             return prev_sample, x0
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
@@ -373,9 +396,19 @@ class RFIMScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
                 setattr(self, name, value)
             raise
         self._step_sigmas = {}
+        self._sigmas_host = self.sigmas.tolist()  # read once here: step() branches on s = 0 without a read
         if gmm is not self.gmm_params:
             self.gmm_params = gmm
             self._gmm_by_device = {gmm.device: gmm}
+
+    def _init_step_index(self, timestep: float | torch.Tensor) -> None:
+        """diffusers' first-step lookup, except that an element of ``self.timesteps`` itself is
+        found from its storage offset, without reading it back from the device."""
+        i = index_of_entry(self.timesteps, timestep) if self.begin_index is None else None
+        if i is None:
+            super()._init_step_index(timestep)
+        else:
+            self._step_index = i
 
     def step(
         self,
@@ -432,11 +465,12 @@ class RFIMScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
             num_steps=num_steps,
             eta=eta,
         )
+        final = self._sigmas_host[i + 1] == 0
         prev_sample, x0 = rfim_step(
-            model_output, sample, t, s, eta, noise, gmm=gmm, step_index=i, components=components
+            model_output, sample, t, s, eta, noise, gmm=gmm, step_index=i, components=components, final=final
         )
         if gmm is not None:  # for clipped_fraction: the sigma of a mixing step (None for the others), once it ran
-            self._step_sigmas[i] = float(rfim_sigma(s, eta)) if gmm.mixes_at(i, num_steps, eta) else None
+            self._step_sigmas[i] = rfim_sigma(s, eta) if gmm.mixes_at(i, num_steps, eta) else None
         self._step_index += 1
         prev_sample = prev_sample.to(model_output.dtype)  # as diffusers: back to the model's dtype
         if not return_dict:

@@ -22,12 +22,13 @@ Step index i counts sampling steps in the order they run (0 = first, noisiest).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
 from ddim_gmm_exp.gmm import GMM
-from ddim_gmm_exp.noise import Generators
-from ddim_gmm_exp.sampling import kernel_noise, kernel_perturbation, report_step
+from ddim_gmm_exp.noise import Generators, ahead
+from ddim_gmm_exp.sampling import draw_step, kernel_perturbation, noise_from_draws, report_step
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -112,6 +113,7 @@ def rfim_step(
     step_index: int = 0,
     components: torch.Tensor | None = None,
     return_mean: bool = False,
+    final: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """One RFIM or RFIM-GMM step x_t -> x_s (Gabbur 2026 eqs. 20-21); returns (x_s, x0_hat), and
     the deterministic mean m as a third item with ``return_mean``.
@@ -120,10 +122,14 @@ def rfim_step(
     :func:`ddim_gmm_exp.sampling.kernel_noise`. With ``components`` (a mixture step)
     x_s = m + gmm.perturbation(i, sigma, z, k); without, x_s = m + sigma z, or m when eta = 0.
     The last step (s = 0) without a mixture returns x0_hat. Computed in the inputs' dtype.
+    ``final``: whether s = 0, from the caller's host copy of the grid (None: read from s), so that
+    a step between device tensors reads nothing back.
     """
     check_flow_eta(eta)
     x0, x1 = x0_and_x1(v, x_t, t)
-    if float(s) == 0 and components is None:
+    if final is None:
+        final = float(s) == 0
+    if final and components is None:
         return (x0, x0, x0) if return_mean else (x0, x0)
     sigma = rfim_sigma(s, eta)
     if eta == 0:
@@ -133,7 +139,7 @@ def rfim_step(
         mean = euler_step(v, x_t, t, s)
     else:
         mean = rfim_mean(x0, x1, s, sigma)
-    perturbation = kernel_perturbation(sigma, eta, noise, gmm, step_index, components)
+    perturbation = kernel_perturbation(sigma, eta, noise, gmm, step_index, components, like=mean)
     x_s = mean if perturbation is None else mean + perturbation
     return (x_s, x0, mean) if return_mean else (x_s, x0)
 
@@ -166,17 +172,25 @@ def sample_rfim(
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     for i in range(num_steps):
         t, s = times[i], times[i + 1]
+        # the step's draws (z, then the mixture's) start now and run while the model does
+        pending = ahead(
+            generator,
+            partial(
+                draw_step,
+                x.shape,
+                generator,
+                device=x.device,
+                dtype=x.dtype,
+                gmm=gmm,
+                step_index=i,
+                num_steps=num_steps,
+                eta=eta,
+            ),
+        )
         t_batch = torch.full((x.shape[0],), t * num_train_timesteps, device=x.device, dtype=time_dtype)
         v = denoiser(x, t_batch)
-        noise, components = kernel_noise(
-            x.shape,
-            generator,
-            device=x.device,
-            dtype=x.dtype,
-            gmm=gmm,
-            step_index=i,
-            num_steps=num_steps,
-            eta=eta,
+        noise, components = noise_from_draws(
+            pending.result(), gmm=gmm, step_index=i, num_steps=num_steps, eta=eta, dtype=x.dtype
         )
         x, x0, mean = rfim_step(v, x, t, s, eta, noise, gmm=gmm, step_index=i, components=components, return_mean=True)
         report_step(callback, i, t_batch, x, x0, mean, rfim_sigma(s, eta))

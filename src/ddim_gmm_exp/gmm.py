@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddim_gmm_exp.noise import Generators, rand
+from ddim_gmm_exp.noise import Draw, Generators, rand
 
 CONSTRUCTIONS = ("paper", "matched_diagonal", "matched_full")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -529,6 +529,18 @@ class GMM:
 
     # ----------------------------------------------------------------------------- draws
 
+    def mixture_draw(self, shape: tuple[int, ...]) -> Draw:
+        """What a mixture step draws from each sample's stream after its z: one float64 uniform,
+        inverted into the component k (:meth:`components_from_draw`)."""
+        return Draw("rand", (), torch.float64)
+
+    def components_from_draw(
+        self, step_index: int, uniforms: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """k ~ Categorical(pi_i) for each sample, from its uniform: the first k with u < sum_{l<=k} pi_l."""
+        cum = self._tensors["cum_priors"][self._stored_index(step_index)]
+        return torch.searchsorted(cum, uniforms.to(self.device), right=True).clamp_max(cum.numel() - 1)
+
     def draw_components(
         self, step_index: int, batch_size: int, generator: Generators = None, *, like: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -538,24 +550,39 @@ class GMM:
         The uniforms are drawn where the generator lives (the CPU for CPU generators), so a CUDA
         generator works with a CPU kernel and the other way round.
         """
-        i = self._stored_index(step_index)
-        uniforms = rand(batch_size, generator, device=self.device)
-        cum = self._tensors["cum_priors"][i]
-        return torch.searchsorted(cum, uniforms, right=True).clamp_max(cum.numel() - 1)
+        self._stored_index(step_index)
+        return self.components_from_draw(step_index, rand(batch_size, generator, device=self.device))
 
-    def perturbation(self, step_index: int, sigma: float, z: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
+    def perturbation(
+        self,
+        step_index: int,
+        sigma: float | torch.Tensor,
+        z: torch.Tensor | None,
+        components: torch.Tensor,
+        *,
+        like: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x_s - m of a mixture step, for a batch: z (B, ...) standard normal, components (B,).
 
         paper:   delta_{i,k} + sqrt(max(sigma^2 - v_{i,k}, 0)) z   (eq. 7 with eq. 11 or 34)
         matched: sigma (delta_{i,k} + L_i z)
-        Computed in the kernel's dtype on its device; returned in z's dtype on z's device.
+        z = None (eta = 0, where sigma = 0): the paper's delta_{i,k} alone, shaped like ``like``.
+        sigma is a number or a 0-d tensor (on any device), used as it is: nothing is read back
+        to the host. Computed in the kernel's dtype on its device; returned in z's (or like's)
+        dtype on its device.
         """
         hp = self._require_initialized()
-        self.check_shape(tuple(z.shape))
+        target = z if z is not None else like
+        if target is None:
+            raise ValueError("perturbation needs z, or like (the mean) where no z was drawn (eta = 0)")
+        self.check_shape(tuple(target.shape))
         params = self.step_parameters(step_index)
-        flat = z.reshape(z.shape[0], hp.dim).to(self.device, self.dtype)
         components = components.to(self.device)
-        sigma = float(sigma)
+        if z is None:
+            if hp.construction != "paper":
+                raise ValueError(f"construction={hp.construction!r} needs z: its offsets are in units of sigma")
+            return params["offsets"][components].reshape(target.shape).to(target.device, target.dtype)
+        flat = z.reshape(z.shape[0], hp.dim).to(self.device, self.dtype)
         if hp.construction == "paper":
             variance = params["variance_factor"][components, None] * params["variance_base"]
             out = params["offsets"][components] + (sigma**2 - variance).clamp_min(0).sqrt() * flat
@@ -573,8 +600,10 @@ class GMM:
         batched matmul's BLAS blocking depends on the batch size, so a sample's rounding would too."""
         basis = params["basis"]
         rows = []
-        for z, k in zip(flat, components, strict=True):
-            coords = params["offset_coords"][k] + params["std_correction"] * (z @ basis)
+        for b, z in enumerate(flat):
+            # index_select, not [k]: indexing by a 0-d tensor reads it back to the host
+            coord_k = params["offset_coords"].index_select(0, components[b : b + 1])[0]
+            coords = coord_k + params["std_correction"] * (z @ basis)
             rows.append(z + basis @ coords)
         return torch.stack(rows)
 

@@ -173,8 +173,8 @@ class DDIMSampler:
         self.gmm = gmm
         self.gmm_params = gmm_params if gmm else None
         self._warned_eta_zero = False
-        # of the last run: the fraction of (step, coordinate) variances clipped at 0
-        self.clipped_fraction: float | None = None
+        # the last run's GMM steps, sigmas and eta: what clipped_fraction is computed from, on demand
+        self._last_run: tuple[range, torch.Tensor, float] | None = None
         parameterization = getattr(model, "parameterization", "eps")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(
@@ -532,7 +532,7 @@ class DDIMSampler:
                 intermediates["x_inter"].append(x)
                 intermediates["pred_x0"].append(pred_x0)
         num_steps = len(self.ddim_timesteps)
-        self.clipped_fraction = self._clipped_fraction(range(num_steps - num_run, num_steps))
+        self._last_run = (range(num_steps - num_run, num_steps), self.ddim_sigmas, self.ddim_eta)
         return x, intermediates
 
     def _require_schedule(self) -> int:
@@ -569,12 +569,15 @@ class DDIMSampler:
             ) from err
         self.gmm_params.check_shape(shape)
 
-    def _clipped_fraction(self, steps: range) -> float | None:
-        """The run's clipped fraction over ``steps`` (GMM step indices); None without a GMM."""
-        if self.gmm_params is None:
+    @property
+    def clipped_fraction(self) -> float | None:
+        """Of the last run, the fraction of (step, coordinate) variances clipped at 0; None without
+        a GMM or a run. Computed when asked, not on the sampling path."""
+        if self.gmm_params is None or self._last_run is None:
             return None
-        sigmas = self.ddim_sigmas.flip(0).tolist()  # in the order the steps run
-        return self.gmm_params.clipped_fraction(sigmas, self.ddim_eta, steps=steps)
+        steps, ddim_sigmas, eta = self._last_run
+        sigmas = ddim_sigmas.flip(0).tolist()  # in the order the steps run
+        return self.gmm_params.clipped_fraction(sigmas, eta, steps=steps)
 
     def _warn_once_if_gmm_is_inert(self, eta: float) -> None:
         if not self._warned_eta_zero:  # stacklevel: past this helper, the caller and torch's no_grad wrapper

@@ -23,7 +23,7 @@ from ddim_gmm_exp.gmm import GMM
 from ddim_gmm_exp.images import load_png, png_path, save_png, to_uint8
 from ddim_gmm_exp.metrics import MetricSuite
 from ddim_gmm_exp.models.base import ModelAdapter
-from ddim_gmm_exp.noise import randn, sample_generators
+from ddim_gmm_exp.noise import Generators, SampleStreams, randn, sample_generators
 from ddim_gmm_exp.samplers import Sampler, Schedule
 from ddim_gmm_exp.sampling import classifier_free_guidance
 
@@ -45,6 +45,7 @@ class SamplingPlan:
     prompts: list[str] | None = None
     sample_dir: Path | None = None
     resumed_indices: list[int] = field(default_factory=list)
+    noise_device: str = "cpu"  # noise.NOISE_DEVICES: per-sample generators on the CPU or the sampling device
 
 
 class SamplingModule(L.LightningModule):
@@ -116,8 +117,18 @@ class SamplingModule(L.LightningModule):
     def sample(self, indices: torch.Tensor, account: VarianceAccount | None = None) -> torch.Tensor:
         """The samples (B, *sample_shape) of these global indices, independent of the batch; what
         the sampler injects goes into account (default: the run's)."""
+        # CPU streams (the default) give the same image on any device, drawn in parallel and ahead
+        # of need (noise.SampleStreams); 'device' streams are EDM's (images depend on the device type)
+        seeds = sample_seeds(indices, self.plan.base_seed)
+        if self.plan.noise_device == "device" and self.device.type != "cpu":
+            return self._sample_with(sample_generators(seeds, device=self.device), indices, account)
+        with SampleStreams(sample_generators(seeds)) as streams:
+            return self._sample_with(streams, indices, account)
+
+    def _sample_with(
+        self, generators: Generators, indices: torch.Tensor, account: VarianceAccount | None
+    ) -> torch.Tensor:
         plan, adapter = self.plan, self.adapter
-        generators = sample_generators(sample_seeds(indices, plan.base_seed))  # CPU: device-independent
         x = randn((len(indices), *adapter.sample_shape), generators, device=self.device)
         labels = labels_of(indices, plan.labels)
         prompts = prompts_of(indices, plan.prompts)

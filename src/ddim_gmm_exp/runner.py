@@ -286,6 +286,7 @@ def build_plan(spec: RunSpec, adapter: ModelAdapter, prompts: list[str] | None, 
         prompts=prompts,
         sample_dir=spec.output.output_dir / "samples" if spec.output.save_images else None,
         resumed_indices=done,
+        noise_device=spec.data.noise_device,
     )
 
 
@@ -498,6 +499,7 @@ def run_metadata(
         "gmm_memory_bytes": None,
         "seed": spec.data.seed,
         "num_samples": spec.data.num_samples,
+        "noise_device": spec.data.noise_device,
     }
     if gmm is not None:
         hp = gmm.hparams

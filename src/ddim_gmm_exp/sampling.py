@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from ddim_gmm_exp.gmm import GMM
-from ddim_gmm_exp.noise import Generators, randn
+from ddim_gmm_exp.noise import Draw, Generators, ahead, draw
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -174,7 +175,7 @@ def ddim_step(
     if use_clipped_model_output:
         eps = eps_from_x0(x_t, x0, abar_t)
     x_prev = ddim_mean(x0, eps, abar_prev, sigma)
-    perturbation = kernel_perturbation(sigma, eta, noise, gmm, step_index, components)
+    perturbation = kernel_perturbation(sigma, eta, noise, gmm, step_index, components, like=x_prev)
     x_s = x_prev if perturbation is None else x_prev + perturbation
     return (x_s, x0, x_prev) if return_mean else (x_s, x0)
 
@@ -186,18 +187,91 @@ def kernel_perturbation(
     gmm: GMM | None,
     step_index: int,
     components: torch.Tensor | None,
+    like: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """x_s - m: the mixture's delta_k + sqrt(max(sigma^2 - v_k, 0)) z on a mixture step, else
-    DDIM's sigma z (None when eta = 0: nothing is added). One function for every sampler family."""
+    DDIM's sigma z (None when eta = 0: nothing is added). One function for every sampler family.
+
+    ``sigma`` stays as given (a number, or a tensor on any device): nothing is read back to the
+    host. ``like`` (the mean m) gives the shape, dtype and device where no z was drawn (eta = 0).
+    """
     if components is not None:
-        if gmm is None or noise is None:
-            raise ValueError("a mixture step needs the gmm and its noise z: draw them with kernel_noise()")
-        return gmm.perturbation(step_index, float(sigma), noise, components)
+        if gmm is None or (noise is None and like is None):
+            raise ValueError("a mixture step needs the gmm and its draws: draw them with kernel_noise()")
+        return gmm.perturbation(step_index, sigma, noise, components, like=like)
     if eta > 0:
         if noise is None:
             raise ValueError("a step with eta > 0 needs noise: draw it with kernel_noise()")
         return sigma * noise
     return None
+
+
+def step_draws(
+    shape: Sequence[int],
+    dtype: torch.dtype | None = None,
+    *,
+    gmm: GMM | None = None,
+    step_index: int = 0,
+    num_steps: int = 1,
+    eta: float = 1.0,
+    z_given: bool = False,
+) -> list[Draw]:
+    """What one step draws from each sample's stream, in order: z ~ N(0, I) shaped like the sample
+    when eta > 0 (and no z is given), then the kernel's mixture draw on a mixture step.
+
+    Nothing that would be multiplied by zero is drawn: at eta = 0 every kernel's z term is
+    (sigma = 0, and the paper's clipped component std sqrt(max(0 - v_k, 0)) = 0), so a mixture step
+    at eta = 0 draws its component alone. A step that does not mix (no GMM, a trivial one with
+    K = 1 or scale = 0, the last step) draws no mixture draw, so its streams, and its output, are
+    DDIM's bit for bit.
+    """
+    if gmm is not None:  # before any draw: a refused step leaves the caller's generator where it was
+        gmm.check_shape(tuple(shape))
+    draws = []
+    if eta > 0 and not z_given:
+        draws.append(Draw("randn", tuple(int(s) for s in shape[1:]), dtype))
+    if gmm is not None and gmm.mixes_at(step_index, num_steps, eta):
+        draws.append(gmm.mixture_draw(tuple(shape)))
+    return draws
+
+
+def draw_step(
+    shape: Sequence[int],
+    generator: Generators = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    gmm: GMM | None = None,
+    step_index: int = 0,
+    num_steps: int = 1,
+    eta: float = 1.0,
+    z_given: bool = False,
+) -> list[torch.Tensor]:
+    """The random numbers of one step (:func:`step_draws`), drawn and on their way to ``device``.
+    Only draws: a loop may run it ahead, on the streams' background thread (noise.ahead)."""
+    draws = step_draws(shape, dtype, gmm=gmm, step_index=step_index, num_steps=num_steps, eta=eta, z_given=z_given)
+    return draw(draws, int(shape[0]), generator, device) if draws else []
+
+
+def noise_from_draws(
+    drawn: list[torch.Tensor],
+    *,
+    gmm: GMM | None = None,
+    step_index: int = 0,
+    num_steps: int = 1,
+    eta: float = 1.0,
+    z: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(z, k) of a step from its draws: z (None at eta = 0) and the mixture's components (None
+    where the step does not mix), the components computed from their draw by the kernel."""
+    drawn = list(drawn)
+    if eta > 0 and z is None:
+        z = drawn.pop(0)
+    noise = z if eta > 0 else None
+    if gmm is None or not gmm.mixes_at(step_index, num_steps, eta):
+        return noise, None
+    return noise, gmm.components_from_draw(step_index, drawn.pop(0), dtype)
 
 
 def kernel_noise(
@@ -212,22 +286,16 @@ def kernel_noise(
     eta: float = 1.0,
     z: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The step's random draws (z, k): z ~ N(0, I), and the component indices k on a mixture step.
+    """The step's random draws (z, k): z ~ N(0, I) when eta > 0, and the component indices k on a
+    mixture step (:func:`step_draws` says which, and in what order).
 
     z is drawn first, exactly as diffusers draws its variance noise (same shape, same generator
-    or per-sample generators), when eta > 0 or the step mixes (also at eta = 0 for the paper's
-    kernel); k is drawn after it, one uniform per sample. A step that does not mix (no GMM, a
-    trivial one with K = 1 or scale = 0, the last step) draws no k, so it leaves the random
-    streams, and the output, bit-identical to DDIM's. ``z`` given: used instead of a draw.
+    or per-sample generators); k is drawn after it, one uniform per sample. At eta = 0 no z is
+    drawn (it would be multiplied by zero). ``z`` given: used instead of a draw.
     """
-    if gmm is not None:  # before any draw: a refused step leaves the caller's generator where it was
-        gmm.check_shape(tuple(shape))
-    mixes = gmm is not None and gmm.mixes_at(step_index, num_steps, eta)
-    if z is None and (eta > 0 or mixes):
-        z = randn(shape, generator, device=device, dtype=dtype)
-    if not mixes:
-        return (z if eta > 0 else None), None
-    return z, gmm.draw_components(step_index, z.shape[0], generator, like=z)
+    options = dict(gmm=gmm, step_index=step_index, num_steps=num_steps, eta=eta)
+    drawn = draw_step(shape, generator, device=device, dtype=dtype, z_given=z is not None, **options)
+    return noise_from_draws(drawn, z=z, dtype=dtype, **options)
 
 
 def ddim_kernel_step(
@@ -246,7 +314,8 @@ def ddim_kernel_step(
 ) -> tuple[torch.Tensor, ...]:
     """One DDIM / DDIM-GMM step with its own draws: :func:`kernel_noise` (z shaped like the model
     output, as diffusers draws its variance noise; ``z`` given: used instead), then
-    :func:`ddim_step`. The loop, the LDM sampler and the diffusers scheduler all step through here."""
+    :func:`ddim_step`. The LDM sampler and the diffusers scheduler step through here; the loop
+    draws ahead (sample_ddim) and then calls ddim_step itself."""
     noise, components = kernel_noise(
         model_output.shape,
         generator,
@@ -334,21 +403,40 @@ def sample_ddim(
         gmm.check_num_steps(len(timesteps))
         gmm.check_shape(tuple(x.shape))
     final_abar = torch.as_tensor(final_abar, dtype=alphas_cumprod.dtype)
+    num_steps = len(timesteps)
     for i, t in enumerate(timesteps):
+        # the step's draws (z like x, then the mixture's) start now and run while the model does
+        pending = ahead(
+            generator,
+            partial(
+                draw_step,
+                x.shape,
+                generator,
+                device=x.device,
+                dtype=x.dtype,
+                gmm=gmm,
+                step_index=i,
+                num_steps=num_steps,
+                eta=eta,
+            ),
+        )
         t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         model_output = denoiser(x, t_batch)
         abar_t = alphas_cumprod[int(t)]
         abar_prev = previous_abar(alphas_cumprod, timesteps, i, final_abar)
-        x, x0, mean = ddim_kernel_step(
+        noise, components = noise_from_draws(
+            pending.result(), gmm=gmm, step_index=i, num_steps=num_steps, eta=eta, dtype=x.dtype
+        )
+        x, x0, mean = ddim_step(
             model_output,
             x,
             abar_t,
             abar_prev,
             eta,
-            generator=generator,
+            noise,
             gmm=gmm,
             step_index=i,
-            num_steps=len(timesteps),
+            components=components,
             prediction_type=prediction_type,
             return_mean=True,
             **step_options,
@@ -373,7 +461,7 @@ def report_step(
     callback(i, t, x_s, x0)
     on_mean = getattr(callback, "on_mean", None)
     if on_mean is not None:
-        on_mean(i, x_s, mean, float(sigma))
+        on_mean(i, x_s, mean, sigma)  # as it is: a tensor is read back by the account, after the run
 
 
 def ddim_sigmas(
