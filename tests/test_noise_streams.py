@@ -32,7 +32,7 @@ def test_streams_draw_the_numbers_of_one_generator_per_sample(threads):
     for g in sample_generators(seeds()):
         expected_z.append(torch.randn((1, *SHAPE[1:]), generator=g))
         expected_u.append(torch.rand((1,), generator=g, dtype=torch.float64))
-    with SampleStreams(sample_generators(seeds()), threads=threads) as streams:
+    with SampleStreams(sample_generators(seeds()), threads=threads, min_parallel=0) as streams:
         z, u = draw([Draw("randn", SHAPE[1:]), Draw("rand", (), torch.float64)], SHAPE[0], streams)
     assert torch.equal(z, torch.cat(expected_z)) and torch.equal(u, torch.cat(expected_u))
     plain = sample_generators(seeds())
@@ -75,7 +75,7 @@ def test_the_loops_give_the_same_samples_with_streams_drawn_ahead(kind, eta):
 
     for loop in (ddim, rfim):
         plain = loop(sample_generators(seeds()))
-        with SampleStreams(sample_generators(seeds()), threads=2) as streams:
+        with SampleStreams(sample_generators(seeds()), threads=2, min_parallel=0) as streams:
             ahead = loop(streams)
         assert torch.equal(plain, ahead)
 
@@ -114,3 +114,22 @@ def test_noise_device_is_recorded_and_device_streams_run(tmp_path, cache_dir):
         sorted((tmp_path / "cpu").rglob("*.png")), sorted((tmp_path / "device").rglob("*.png")), strict=True
     ):
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_large_draws_are_split_over_threads_and_small_ones_are_not(monkeypatch):
+    import ddim_gmm_exp.noise as noise
+
+    names = set()
+    real_fill = noise._fill
+
+    def recording_fill(out, d, generator):
+        names.add(threading.current_thread().name)
+        real_fill(out, d, generator)
+
+    monkeypatch.setattr(noise, "_fill", recording_fill)
+    with SampleStreams(sample_generators(seeds()), threads=2, min_parallel=1000) as streams:
+        draw([Draw("randn", (3, 8, 8))], 5, streams)  # 960 numbers: in the calling thread
+        assert names == {threading.current_thread().name}
+        names.clear()
+        draw([Draw("randn", (3, 16, 16))], 5, streams)
+        assert names == {threading.current_thread().name, "draw_0"}
