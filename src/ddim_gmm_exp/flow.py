@@ -190,7 +190,7 @@ def sample_rfim(
         t_batch = torch.full((x.shape[0],), t * num_train_timesteps, device=x.device, dtype=time_dtype)
         v = denoiser(x, t_batch)
         noise, components = noise_from_draws(
-            pending.result(), gmm=gmm, step_index=i, num_steps=num_steps, eta=eta, dtype=x.dtype
+            pending.result(), gmm=gmm, step_index=i, num_steps=num_steps, eta=eta, dtype=x.dtype, device=x.device
         )
         x, x0, mean = rfim_step(v, x, t, s, eta, noise, gmm=gmm, step_index=i, components=components, return_mean=True)
         report_step(callback, i, t_batch, x, x0, mean, rfim_sigma(s, eta))

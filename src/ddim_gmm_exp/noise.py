@@ -197,14 +197,15 @@ def draw(
     batch_size: int,
     generator: Generators = None,
     device: str | torch.device = "cpu",
-    non_blocking: bool = True,
+    move: bool = True,
 ) -> list[torch.Tensor]:
     """One tensor (batch_size, *d.shape) per draw d, on ``device``: a step's random numbers.
 
     With one generator (or none), each draw is one call for the whole batch, as diffusers draws.
     With one generator per sample, sample b takes its draws from generator b in the order given
     (its z, then its mixture draw), where the generators live; CPU draws for another device go
-    through pinned memory and are copied without blocking. ``SampleStreams`` draws the samples in
+    through pinned memory and are copied without blocking (``move=False``: left there, for the
+    caller's thread to copy, as a loop that draws on a background thread does). ``SampleStreams`` draws the samples in
     parallel; the numbers do not change.
     """
     device = torch.device(device)
@@ -228,7 +229,7 @@ def draw(
         generator.map_chunks(fill_samples)
     else:
         fill_samples(range(batch_size))
-    return [out.to(device, non_blocking=non_blocking and pin) for out in outs]
+    return [out.to(device, non_blocking=pin) for out in outs] if move else outs
 
 
 def randn(

@@ -247,10 +247,12 @@ def draw_step(
     eta: float = 1.0,
     z_given: bool = False,
 ) -> list[torch.Tensor]:
-    """The random numbers of one step (:func:`step_draws`), drawn and on their way to ``device``.
+    """The random numbers of one step (:func:`step_draws`), drawn for ``device``: CPU streams
+    into pinned memory, left on the host for :func:`noise_from_draws` to copy from the thread
+    that uses them (a copy enqueued from a background thread could race a caller's CUDA stream).
     Only draws: a loop may run it ahead, on the streams' background thread (noise.ahead)."""
     draws = step_draws(shape, dtype, gmm=gmm, step_index=step_index, num_steps=num_steps, eta=eta, z_given=z_given)
-    return draw(draws, int(shape[0]), generator, device) if draws else []
+    return draw(draws, int(shape[0]), generator, device, move=False) if draws else []
 
 
 def noise_from_draws(
@@ -262,10 +264,12 @@ def noise_from_draws(
     eta: float = 1.0,
     z: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(z, k) of a step from its draws: z (None at eta = 0) and the mixture's components (None
-    where the step does not mix), the components computed from their draw by the kernel."""
-    drawn = list(drawn)
+    """(z, k) of a step from its draws (copied to ``device`` without blocking): z (None at
+    eta = 0) and the mixture's components (None where the step does not mix), the components
+    computed from their draw by the kernel."""
+    drawn = [t.to(device, non_blocking=True) for t in drawn]
     if eta > 0 and z is None:
         z = drawn.pop(0)
     noise = z if eta > 0 else None
@@ -295,7 +299,7 @@ def kernel_noise(
     """
     options = dict(gmm=gmm, step_index=step_index, num_steps=num_steps, eta=eta)
     drawn = draw_step(shape, generator, device=device, dtype=dtype, z_given=z is not None, **options)
-    return noise_from_draws(drawn, z=z, dtype=dtype, **options)
+    return noise_from_draws(drawn, z=z, dtype=dtype, device=device, **options)
 
 
 def ddim_kernel_step(
@@ -425,7 +429,7 @@ def sample_ddim(
         abar_t = alphas_cumprod[int(t)]
         abar_prev = previous_abar(alphas_cumprod, timesteps, i, final_abar)
         noise, components = noise_from_draws(
-            pending.result(), gmm=gmm, step_index=i, num_steps=num_steps, eta=eta, dtype=x.dtype
+            pending.result(), gmm=gmm, step_index=i, num_steps=num_steps, eta=eta, dtype=x.dtype, device=x.device
         )
         x, x0, mean = ddim_step(
             model_output,
