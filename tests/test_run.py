@@ -155,7 +155,7 @@ def test_wandb_offline_run_holds_config_fid_and_grid(tmp_path, cache_dir):
         for item in r.history.item
     }
     assert float(history["fid"]) == pytest.approx(results["metrics"]["fid"])
-    assert "media/images/samples" in history["samples/filenames"]
+    assert "media/images/grid" in history["grid/filenames"]
     config = {
         item.key: item.value_json
         for r in records
@@ -168,7 +168,7 @@ def test_wandb_offline_run_holds_config_fid_and_grid(tmp_path, cache_dir):
         )
     }
     assert json.loads(config["sampler"])["name"] == "ddim_gmm" and "gmm" in config
-    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/samples_*.png"))
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/grid_*.png"))
 
 
 def test_reference_statistics_from_an_image_folder(default_run, tmp_path, cache_dir):

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 
-from helpers.runs import SMALL, compose_config, wandb_records
+from helpers.runs import SMALL, compose_config, run_records
 
 from ddim_gmm_exp.runner import WANDB_ID_FILE, run
-
-
-def run_records(run_dir):
-    """Records of every finished offline W&B run under run_dir (the file completes after finish())."""
-    for _ in range(300):
-        files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-        records = [list(wandb_records(f)) for f in files]
-        if files and all(any(r.WhichOneof("record_type") == "exit" for r in rs) for rs in records):
-            return records
-        time.sleep(0.1)
-    raise AssertionError(f"no finished W&B run under {run_dir}")
 
 
 def test_wandb_run_is_named_after_its_settings_and_a_resume_continues_it(tmp_path, cache_dir):

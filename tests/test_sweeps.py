@@ -48,6 +48,8 @@ def test_multirun_writes_results_and_a_summary(tmp_path, cache_dir):
     assert "| DDIM |" in paper and "| ORTHO-VUB (K=4) |" in paper and "(s=1)" in paper
     assert (sweep / "paper.png").stat().st_size > 1000
     assert (sweep / "summary.png").stat().st_size > 1000
+    # compare.png from the jobs' first_samples.npz (they saved no PNGs); no W&B run without logger=wandb
+    assert (sweep / "compare.png").stat().st_size > 1000 and not (sweep / "wandb").exists()
     (sweep / "summary.md").unlink()
     rebuilt = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "summarize.py"), str(sweep)], capture_output=True, text=True

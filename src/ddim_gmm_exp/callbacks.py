@@ -1,5 +1,6 @@
 """Lightning callbacks of a run: the progress bar with images per second, the report (results.json,
-features.npz, grid.png, the logger's scalars, grid and table) on rank 0, and finishing the W&B run."""
+features.npz, grid.png, first_samples.npz, the logger's scalars, grid and tables) on rank 0, and
+finishing the W&B run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from ddim_gmm_exp.dashboard import FIRST_SAMPLES_FILE, WANDB_RECORD, log_run, save_first_samples, wandb_record
 from ddim_gmm_exp.images import image_grid, save_png
 from ddim_gmm_exp.metrics import save_features
 
@@ -20,8 +22,9 @@ RESULTS_FILE = "results.json"
 
 
 class ReportResults(L.Callback):
-    """Rank 0's report at the end of predict: results.json, grid.png, and the logger's scalars,
-    image grid and one-row results table."""
+    """Rank 0's report at the end of predict: results.json, grid.png, first_samples.npz (what a
+    sweep's compare.png shows of the run), and the logger's scalars; a W&B logger also gets the
+    image grid, a one-row results table, the samples table and the run summary (dashboard.py)."""
 
     def __init__(self, output_dir: Path, meta: dict[str, Any], started: float) -> None:
         self.output_dir = Path(output_dir)
@@ -41,13 +44,16 @@ class ReportResults(L.Callback):
                 results[f"features{space.suffix}_file"] = str(self.output_dir / space.features_file)
         if module.grid:
             save_png(image_grid(torch.stack(module.grid)), self.output_dir / "grid.png")
+            save_first_samples(module.grid, module.plan, self.output_dir / FIRST_SAMPLES_FILE)
         if logger:
-            self.log_to(logger, results, bool(module.grid))
+            self.log_to(logger, results, module)
         tmp = self.output_dir / (RESULTS_FILE + ".tmp")
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(self.output_dir / RESULTS_FILE)
 
-    def log_to(self, logger: Any, results: dict[str, Any], has_grid: bool) -> None:
+    def log_to(self, logger: Any, results: dict[str, Any], module: Any) -> None:
+        """The logger's scalars; for W&B also the grid, the tables and the run summary, and the
+        run's record in ``results`` (the sweep's summary run joins its group)."""
         logger.log_metrics(
             results["metrics"]
             | {
@@ -56,11 +62,13 @@ class ReportResults(L.Callback):
             }
         )
         if isinstance(logger, L.pytorch.loggers.WandbLogger):
-            if has_grid:
-                logger.log_image("samples", [str(self.output_dir / "grid.png")], caption=["first 64 samples"])
+            if module.grid:
+                logger.log_image("grid", [str(self.output_dir / "grid.png")], caption=["first 64 samples"])
             keys = ["sampler", "variant", "steps", "eta", "n_components", "gmm_scale"]
             row = [results.get(k) for k in keys] + list(results["metrics"].values())
             logger.log_table("results", columns=[*keys, *results["metrics"]], data=[row])
+            log_run(logger.experiment, results, module.grid, module.plan)
+            results[WANDB_RECORD] = wandb_record(logger.experiment)
         logger.save()
 
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from ddim_gmm_exp import checks
 from ddim_gmm_exp.callbacks import FinishWandb, ImagesPerSecondBar, ReportResults, finish_wandb
 from ddim_gmm_exp.config import MetricsSpec, ModelSpec, RunSpec, resolve_run, sweep_group, sweep_job
+from ddim_gmm_exp.dashboard import logged_config, run_tags
 from ddim_gmm_exp.data import SampleIndexDataset, read_prompts, resolve_labels
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.gmm import GMM, variant_name
@@ -89,9 +90,11 @@ def run_spec(spec: RunSpec) -> dict[str, Any]:
     plan = build_plan(spec, adapter, prompts, done)
     write_run_files(spec)
 
-    reporter = ReportResults(spec.output.output_dir, run_metadata(spec, plan, notes, samples_from), started)
+    meta = run_metadata(spec, plan, notes, samples_from)
+    reporter = ReportResults(spec.output.output_dir, meta, started)
     trainer = build_trainer(spec, reporter)
-    module = SamplingModule(adapter, plan, metrics, config=spec.output.loggable)
+    config = logged_config(spec.output.loggable, meta["settings"], meta["variant"])
+    module = SamplingModule(adapter, plan, metrics, config=config)
     log.info(
         "sampling %d of %d samples (%d already on disk) with %s, %d steps",
         len(todo),
@@ -423,15 +426,17 @@ def fid_reference(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter)
     return extractor, path
 
 
-def build_logger(spec: RunSpec) -> Any:
+def build_logger(spec: RunSpec, meta: dict[str, Any]) -> Any:
     """The logger of conf/logger (a _target_); False for logger=none. A W&B run is named after the
-    run's settings and keeps its id in the run dir, so that a resumed run continues it."""
+    run's settings, tagged with its model, sampler and variant (``meta``: results.json's), and
+    keeps its id in the run dir, so that a resumed run continues it."""
     logger = spec.output.logger
     if not logger.get("_target_"):
         return False
     extra: dict[str, Any] = {}
     if str(logger["_target_"]).endswith("WandbLogger"):
         extra = {"id": wandb_run_id(spec.output.output_dir), "resume": "allow"}
+        extra["tags"] = run_tags(meta, logger.get("tags"))
         if logger.get("name") is None:
             extra["name"] = spec.run_name()
     # the run's config reaches it through the module's hyperparameters, which Lightning logs in the
@@ -453,7 +458,7 @@ def build_trainer(spec: RunSpec, reporter: ReportResults) -> Any:
     """The Trainer of conf/trainer (a _target_), with the run's logger and callbacks."""
     return instantiate(
         spec.output.trainer,
-        logger=build_logger(spec),
+        logger=build_logger(spec, reporter.meta),
         callbacks=[ImagesPerSecondBar(), reporter, FinishWandb()],
         enable_model_summary=False,
         enable_checkpointing=False,

@@ -193,6 +193,7 @@ def _result_row(path: Path, sweep_dir: Path) -> dict[str, Any]:
         # where the run's saved features are, for the interval over samples of a one-seed cell
         "_dir": str(path.parent),
         "_features": {k: v for k, v in result.items() if k in SAMPLE_KEYS or _FEATURES_FILE.fullmatch(k)},
+        "_wandb": result.get("wandb"),  # the job's W&B run (dashboard.wandb_record): the summary run joins its group
     }
     return row
 
@@ -432,14 +433,21 @@ def write_summary(
     x: str | None = None,
     reference: str | None = None,
     select_on: Any = None,
+    wandb_mode: str | None = None,
 ) -> list[Path]:
-    """summary.csv, summary.md and summary.png in sweep_dir, and for a sweep with GMM (or control)
-    jobs paper.md and paper.png on ``metric`` (None: the first FID-like one); returns their paths.
-    ``x`` is the x axis (summary.x: steps, nfe; None: x_axis decides). The tables give each series'
-    paired difference from ``reference`` (summary.reference; None: DDIM or RFIM); ``select_on``
-    (summary.select_on: seeds) chooses paper.md's s on those seeds and reports the others. An
-    unknown metric, axis, reference or selection seed raises ConfigError before anything is written."""
+    """summary.csv, summary.md, summary.png and compare.png in sweep_dir, and for a sweep with GMM
+    (or control) jobs paper.md and paper.png on ``metric`` (None: the first FID-like one); returns
+    their paths. ``x`` is the x axis (summary.x: steps, nfe; None: x_axis decides). The tables give
+    each series' paired difference from ``reference`` (summary.reference; None: DDIM or RFIM);
+    ``select_on`` (summary.select_on: seeds) chooses paper.md's s on those seeds and reports the
+    others. Where the jobs logged to W&B, all of it also goes to one more W&B run in their group
+    (dashboard.log_summary_run), in ``wandb_mode`` (offline, online, disabled; None: the jobs' mode).
+    An unknown metric, axis, reference, selection seed or mode raises ConfigError before anything
+    is written."""
+    from ddim_gmm_exp import dashboard
+
     check_summary_options(reference, select_on)
+    check_wandb_mode(wandb_mode)
     sweep_dir = Path(sweep_dir)
     rows = collect_results(sweep_dir, x)
     if not rows:
@@ -448,6 +456,11 @@ def write_summary(
     metrics = metric_names(rows)
     primary = primary_metric(metrics, metric)
     selection = check_summary_options(reference, select_on, sweep_seeds(rows))
+    if wandb_mode in ("offline", "online") and not any(row["_wandb"] for row in rows):
+        raise ConfigError(
+            f"W&B mode {wandb_mode!r} given, but no job under {sweep_dir} logged to W&B (their logger was csv or "
+            "none, or they ran before results.json recorded it): there is no group for a summary run"
+        )
     paired = find_reference(rows, reference)
     notes = duplicate_notes(rows)
     for note in notes:
@@ -465,11 +478,24 @@ def write_summary(
         written += [sweep_dir / "paper.md", sweep_dir / "paper.png"]
     elif selection is not None:
         log.warning("summary.select_on chooses paper.md's scale s: this sweep has no GMM or control job, no paper.md")
+    written += dashboard.plot_compare(rows, sweep_dir)
+    target = dashboard.summary_target(rows, wandb_mode)
+    if target is not None:
+        dashboard.log_summary_run(sweep_dir, rows, metrics, written, target)
     return written
 
 
-def write_csv(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
-    """One line per job (repeated seeds too, with duplicate_of), the differing settings as columns."""
+def check_wandb_mode(mode: Any) -> None:
+    """The summary run's W&B mode (summarize.py --wandb): offline, online, disabled or None."""
+    from ddim_gmm_exp.dashboard import WANDB_MODES
+
+    if mode is not None and mode not in WANDB_MODES:
+        raise ConfigError(f"W&B mode {mode!r} is not allowed: choose one of {', '.join(WANDB_MODES)}")
+
+
+def summary_records(rows: list[dict[str, Any]], metrics: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """summary.csv's columns and one record per job (repeated seeds too, with duplicate_of), the
+    differing settings as columns; the W&B summary run's results table is the same."""
     settings = differing_settings([r for r in rows if r["_recorded"]], {SEED_KEY, STEPS_KEY, NFE_KEY})
     columns = [
         "job",
@@ -485,12 +511,21 @@ def write_csv(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> Non
         "duplicate_of",
         "overrides",
     ]
+    records = []
+    for row in rows:
+        recorded = row["_settings"] if row["_recorded"] else {}
+        record = row | {k: recorded.get(k) for k in settings}
+        records.append({k: record.get(k) for k in columns})
+    return columns, records
+
+
+def write_csv(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
+    """summary.csv: summary_records, one line per job."""
+    columns, records = summary_records(rows, metrics)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for row in rows:
-            recorded = row["_settings"] if row["_recorded"] else {}
-            writer.writerow(row | {k: recorded.get(k) for k in settings})
+        writer.writerows(records)
 
 
 def summary_markdown(rows: list[dict[str, Any]], metrics: list[str], reference: Reference | None = None) -> str:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -85,3 +86,14 @@ def wandb_records(run_file: Path):
             record = pb.Record()
             record.ParseFromString(pending)
             yield record
+
+
+def run_records(run_dir: Path) -> list[list]:
+    """Records of every finished offline W&B run under run_dir/wandb (the file completes after finish())."""
+    for _ in range(300):
+        files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+        records = [list(wandb_records(f)) for f in files]
+        if files and all(any(r.WhichOneof("record_type") == "exit" for r in rs) for rs in records):
+            return records
+        time.sleep(0.1)
+    raise AssertionError(f"no finished W&B run under {run_dir}")
