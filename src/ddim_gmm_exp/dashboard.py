@@ -42,7 +42,7 @@ WANDB_RECORD = "wandb"  # results.json's record of the run's W&B run: the summar
 RUN_STATISTICS = ("images_per_second", "seconds_per_step", "nfe", "gmm_clipped_fraction")
 WANDB_MODES = ("offline", "online", "disabled")
 LABEL_CHARS = 60  # a compare.png label wraps after this many characters
-CHAR_INCHES = 0.062  # the width of a character of an 8-point label, about
+CHAR_INCHES = 0.068  # the width of a character of an 8-point label, about (a little over, for the margin)
 TABLE_MIN_TILE = 64  # pixels: W&B's table cells would blur an 8x8 digit; it is enlarged by an integer factor
 
 

@@ -657,6 +657,14 @@ def _figure_legend(fig: Any, axes: Iterable[Any], order: list[str], **kwargs: An
     fig.legend([handles[n] for n in names], names, frameon=False, **kwargs)
 
 
+def overlap_style(index: int, count: int) -> dict[str, float]:
+    """Marker size and drawing order of series ``index`` of ``count``: each later series is drawn on
+    top with a smaller marker, so series with equal values (DDIM and a GMM whose accuracy is 1.0 at
+    every step) show as concentric markers instead of one hiding the other."""
+    share = index / max(count - 1, 1)
+    return {"markersize": 8.0 - 4.0 * share, "zorder": 2.0 + share}
+
+
 def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> None:
     """Each varying metric against steps, one line per series, each with its own colour, marker
     and dash pattern (dashed: unconditional); bars span min-max over seeds where seeds vary."""
@@ -678,6 +686,7 @@ def plot_summary(rows: list[dict[str, Any]], metrics: list[str], path: Path) -> 
             color=plt.cm.tab10(i % 10),
             marker=markers[(i // 10 + i) % len(markers)],
             linestyle="--" if label in uncond else ("-", "-.", ":")[i // 10 % 3],
+            **overlap_style(i, len(labels)),
         )
         for i, label in enumerate(labels)
     }
@@ -1204,6 +1213,7 @@ def _paper_panel(
             # tab10 while it lasts, tab20 beyond ten series (13 samplers), so no two lines share a colour
             color=plt.cm.tab10(j % 10) if len(series) <= 10 else plt.cm.tab20(j % 20),
             label=_series_name(name, k),
+            **overlap_style(j, len(series)),
         )
     ax.set_xscale("log")
     ax.set_xticks(steps, [str(st) for st in steps])
