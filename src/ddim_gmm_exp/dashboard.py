@@ -377,17 +377,13 @@ def artifact_name(sweep_dir: Path) -> str:
     return "sweep-summary-" + re.sub(r"[^\w.-]", "_", Path(sweep_dir).resolve().name)
 
 
-def log_summary_run(
-    sweep_dir: Path, rows: list[dict[str, Any]], metrics: list[str], written: list[Path], target: dict[str, Any]
-) -> None:
-    """The sweep's W&B summary run, in its jobs' group: the results table, the summary's PNGs, a line
-    plot per metric and the summary's .csv and .md files as an artifact."""
+def start_summary_run(sweep_dir: Path, rows: list[dict[str, Any]], metrics: list[str], target: dict[str, Any]) -> Any:
+    """wandb.init of the sweep's summary run: ``job_type=summary``, in the jobs' project and group."""
     import wandb
 
     from ddim_gmm_exp.sweep import x_unit
 
-    sweep_dir = Path(sweep_dir)
-    run = wandb.init(
+    return wandb.init(
         project=target.get("project"),
         entity=target.get("entity"),
         group=target.get("group"),
@@ -399,6 +395,29 @@ def log_summary_run(
         config={"sweep_dir": str(sweep_dir.resolve()), "jobs": len(rows), "x": x_unit(rows), "metrics": metrics},
         reinit="create_new",  # its own run, whatever run this process holds
     )
+
+
+def log_summary_run(
+    sweep_dir: Path, rows: list[dict[str, Any]], metrics: list[str], written: list[Path], target: dict[str, Any]
+) -> None:
+    """The sweep's W&B summary run, in its jobs' group: the results table, the summary's PNGs, a line
+    plot per metric and the summary's .csv and .md files as an artifact. A run W&B refuses to start
+    (online without a login or a network) is one error line: the files are written all the same."""
+    import wandb
+
+    sweep_dir = Path(sweep_dir)
+    try:
+        run = start_summary_run(sweep_dir, rows, metrics, target)
+    except wandb.errors.Error as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.error(
+            "no W&B summary run (mode %s; the summary files are written, and python scripts/summarize.py %s "
+            "--wandb offline logs the run offline): %s",
+            target["mode"],
+            sweep_dir,
+            reason,
+        )
+        return
     try:
         pngs = {path.name: path for path in written if path.suffix == ".png"}
         logged: dict[str, Any] = {"results": results_table(rows, metrics, sweep_dir)}
