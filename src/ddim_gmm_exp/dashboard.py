@@ -117,7 +117,7 @@ def samples_table(images: list[torch.Tensor], plan: SamplingPlan) -> Any:
         [d["index"], d["seed"], d["label"], d["prompt"], wandb_image(image, f"#{d['index']} seed {d['seed']}")]
         for d, image in zip(sample_descriptions(len(images), plan), images, strict=True)
     ]
-    return wandb.Table(columns=["index", "seed", "label", "prompt", "image"], data=rows, allow_mixed_types=True)
+    return wandb.Table(columns=["index", "seed", "label", "prompt", "image"], data=rows)
 
 
 def run_summary(results: dict[str, Any]) -> dict[str, Any]:
