@@ -330,9 +330,7 @@ def check_diversity_settings(spec: RunSpec) -> None:
                 "alongside FID; enable FID or drop the override"
             )
         if given and not enabled:
-            raise ConfigError(
-                f"{given[0]} is set but metrics.{group}.enabled=false: enable it or drop the override"
-            )
+            raise ConfigError(f"{given[0]} is set but metrics.{group}.enabled=false: enable it or drop the override")
 
 
 def check_logger(spec: RunSpec) -> None:

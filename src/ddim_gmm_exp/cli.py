@@ -69,9 +69,7 @@ def prepare_resume(args: list[str]) -> list[str]:
     if "hydra.sweep.dir" in given:
         sweep_dir = Path(given["hydra.sweep.dir"])
         if not (sweep_dir / "multirun.yaml").is_file():
-            fail(
-                f"resume=true but hydra.sweep.dir={sweep_dir} holds no sweep (no multirun.yaml): give a sweep's dir"
-            )
+            fail(f"resume=true but hydra.sweep.dir={sweep_dir} holds no sweep (no multirun.yaml): give a sweep's dir")
         return args
     fail("resume=true needs the directory to finish: hydra.run.dir=RUN_DIR (a run) or -m ... hydra.sweep.dir=SWEEP_DIR")
     return args

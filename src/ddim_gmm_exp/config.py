@@ -174,9 +174,7 @@ class RunSpec:
         flat.pop("metrics.cache_dir", None)  # where statistics are cached, not what they are
         for option, key in self.sampler.gmm_options.items():  # the control's scale is gmm.scale, as a GMM's
             flat[f"gmm.{key}"] = flat.pop(f"sampler.{option}")
-        return {
-            re.sub(r"^metrics\.(fid|prdc|kid|dinov2)_", r"metrics.\1.", key): value for key, value in flat.items()
-        }
+        return {re.sub(r"^metrics\.(fid|prdc|kid|dinov2)_", r"metrics.\1.", key): value for key, value in flat.items()}
 
 
 def flatten_into(flat: dict[str, Any], prefix: str, node: Any) -> None:

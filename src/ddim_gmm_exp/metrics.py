@@ -524,9 +524,7 @@ def kernel_inception_distance(
     return float(mean), float(std)
 
 
-def diversity_metrics(
-    real: np.ndarray, fake: np.ndarray, settings: DiversitySettings, seed: int
-) -> dict[str, float]:
+def diversity_metrics(real: np.ndarray, fake: np.ndarray, settings: DiversitySettings, seed: int) -> dict[str, float]:
     """precision, recall, density, coverage, kid and kid_std of fake against real features."""
     out: dict[str, float] = {}
     if settings.prdc:
@@ -690,9 +688,11 @@ class MetricSuite(torch.nn.Module):
         extra_spaces: list[FeatureSpace] | None = None,
     ) -> None:
         super().__init__()
-        spaces = [] if extractor is None else [
-            FeatureSpace(extractor, reference, fid_name, "", reference_features, weights_path)
-        ]
+        spaces = (
+            []
+            if extractor is None
+            else [FeatureSpace(extractor, reference, fid_name, "", reference_features, weights_path)]
+        )
         self.spaces = torch.nn.ModuleList(spaces + list(extra_spaces or []))
         self.diversity = diversity or DiversitySettings()
         self.seed = int(seed or 0)
