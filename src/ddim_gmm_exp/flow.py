@@ -22,13 +22,12 @@ Step index i counts sampling steps in the order they run (0 = first, noisiest).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 
 from ddim_gmm_exp.gmm import GMM
-from ddim_gmm_exp.noise import Generators, ahead
-from ddim_gmm_exp.sampling import draw_step, kernel_perturbation, noise_from_draws, report_step
+from ddim_gmm_exp.noise import Generators
+from ddim_gmm_exp.sampling import kernel_perturbation, report_step, start_draws
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -172,26 +171,10 @@ def sample_rfim(
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     for i in range(num_steps):
         t, s = times[i], times[i + 1]
-        # the step's draws (z, then the mixture's) start now and run while the model does
-        pending = ahead(
-            generator,
-            partial(
-                draw_step,
-                x.shape,
-                generator,
-                device=x.device,
-                dtype=x.dtype,
-                gmm=gmm,
-                step_index=i,
-                num_steps=num_steps,
-                eta=eta,
-            ),
-        )
+        collect_draws = start_draws(x, generator, gmm=gmm, step_index=i, num_steps=num_steps, eta=eta)
         t_batch = torch.full((x.shape[0],), t * num_train_timesteps, device=x.device, dtype=time_dtype)
         v = denoiser(x, t_batch)
-        noise, components = noise_from_draws(
-            pending.result(), gmm=gmm, step_index=i, num_steps=num_steps, eta=eta, dtype=x.dtype, device=x.device
-        )
+        noise, components = collect_draws()
         x, x0, mean = rfim_step(v, x, t, s, eta, noise, gmm=gmm, step_index=i, components=components, return_mean=True)
         report_step(callback, i, t_batch, x, x0, mean, rfim_sigma(s, eta))
     return x

@@ -278,6 +278,23 @@ def noise_from_draws(
     return noise, gmm.components_from_draw(step_index, drawn.pop(0), dtype)
 
 
+def start_draws(
+    x: torch.Tensor,
+    generator: Generators,
+    *,
+    gmm: GMM | None,
+    step_index: int,
+    num_steps: int,
+    eta: float,
+) -> Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Start a step's draws (z shaped like x, then the mixture's) now, on the streams' background
+    thread where there is one, so that they run while the model does; the function returned
+    waits for them and gives (z, k) on x's device (:func:`noise_from_draws`)."""
+    options = dict(gmm=gmm, step_index=step_index, num_steps=num_steps, eta=eta)
+    pending = ahead(generator, partial(draw_step, x.shape, generator, device=x.device, dtype=x.dtype, **options))
+    return lambda: noise_from_draws(pending.result(), dtype=x.dtype, device=x.device, **options)
+
+
 def kernel_noise(
     shape: Sequence[int],
     generator: Generators = None,
@@ -409,28 +426,12 @@ def sample_ddim(
     final_abar = torch.as_tensor(final_abar, dtype=alphas_cumprod.dtype)
     num_steps = len(timesteps)
     for i, t in enumerate(timesteps):
-        # the step's draws (z like x, then the mixture's) start now and run while the model does
-        pending = ahead(
-            generator,
-            partial(
-                draw_step,
-                x.shape,
-                generator,
-                device=x.device,
-                dtype=x.dtype,
-                gmm=gmm,
-                step_index=i,
-                num_steps=num_steps,
-                eta=eta,
-            ),
-        )
+        collect_draws = start_draws(x, generator, gmm=gmm, step_index=i, num_steps=num_steps, eta=eta)
         t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         model_output = denoiser(x, t_batch)
         abar_t = alphas_cumprod[int(t)]
         abar_prev = previous_abar(alphas_cumprod, timesteps, i, final_abar)
-        noise, components = noise_from_draws(
-            pending.result(), gmm=gmm, step_index=i, num_steps=num_steps, eta=eta, dtype=x.dtype, device=x.device
-        )
+        noise, components = collect_draws()
         x, x0, mean = ddim_step(
             model_output,
             x,
