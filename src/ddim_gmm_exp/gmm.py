@@ -599,10 +599,11 @@ class GMM:
         """delta_k + L z = z + U (coords_k + std_correction * U^T z), one sample at a time: a
         batched matmul's BLAS blocking depends on the batch size, so a sample's rounding would too."""
         basis = params["basis"]
+        # one gather for the batch (a copy of rows, no arithmetic), not [k] per sample: indexing by
+        # a 0-d tensor reads it back to the host
+        offset_coords = params["offset_coords"][components]
         rows = []
-        for b, z in enumerate(flat):
-            # index_select, not [k]: indexing by a 0-d tensor reads it back to the host
-            coord_k = params["offset_coords"].index_select(0, components[b : b + 1])[0]
+        for z, coord_k in zip(flat, offset_coords, strict=True):
             coords = coord_k + params["std_correction"] * (z @ basis)
             rows.append(z + basis @ coords)
         return torch.stack(rows)
