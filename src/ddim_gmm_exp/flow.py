@@ -171,7 +171,9 @@ def sample_rfim(
     time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     for i in range(num_steps):
         t, s = times[i], times[i + 1]
-        collect_draws = start_draws(x, generator, gmm=gmm, step_index=i, num_steps=num_steps, eta=eta)
+        collect_draws = start_draws(
+            x.shape, generator, device=x.device, dtype=x.dtype, gmm=gmm, step_index=i, num_steps=num_steps, eta=eta
+        )
         t_batch = torch.full((x.shape[0],), t * num_train_timesteps, device=x.device, dtype=time_dtype)
         v = denoiser(x, t_batch)
         noise, components = collect_draws()

@@ -235,26 +235,6 @@ def step_draws(
     return draws
 
 
-def draw_step(
-    shape: Sequence[int],
-    generator: Generators = None,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    gmm: GMM | None = None,
-    step_index: int = 0,
-    num_steps: int = 1,
-    eta: float = 1.0,
-    z_given: bool = False,
-) -> list[torch.Tensor]:
-    """The random numbers of one step (:func:`step_draws`), drawn for ``device``: CPU streams
-    into pinned memory, left on the host for :func:`noise_from_draws` to copy from the thread
-    that uses them (a copy enqueued from a background thread could race a caller's CUDA stream).
-    Only draws: a loop may run it ahead, on the streams' background thread (noise.ahead)."""
-    draws = step_draws(shape, dtype, gmm=gmm, step_index=step_index, num_steps=num_steps, eta=eta, z_given=z_given)
-    return draw(draws, int(shape[0]), generator, device, move=False) if draws else []
-
-
 def noise_from_draws(
     drawn: list[torch.Tensor],
     *,
@@ -279,20 +259,27 @@ def noise_from_draws(
 
 
 def start_draws(
-    x: torch.Tensor,
-    generator: Generators,
+    shape: Sequence[int],
+    generator: Generators = None,
     *,
-    gmm: GMM | None,
-    step_index: int,
-    num_steps: int,
-    eta: float,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    gmm: GMM | None = None,
+    step_index: int = 0,
+    num_steps: int = 1,
+    eta: float = 1.0,
+    z: torch.Tensor | None = None,
 ) -> Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """Start a step's draws (z shaped like x, then the mixture's) now, on the streams' background
-    thread where there is one, so that they run while the model does; the function returned
-    waits for them and gives (z, k) on x's device (:func:`noise_from_draws`)."""
+    """Start a step's draws (:func:`step_draws`) now, on the streams' background thread where the
+    generator is ``noise.SampleStreams`` (a loop starts them before its model call, so that they
+    run while the model does); the function returned waits for them and gives (z, k) on
+    ``device`` (:func:`noise_from_draws`). CPU draws for a GPU land in pinned memory and are
+    copied by the thread that collects them: a copy enqueued from the background thread could
+    race the caller's CUDA stream."""
     options = dict(gmm=gmm, step_index=step_index, num_steps=num_steps, eta=eta)
-    pending = ahead(generator, partial(draw_step, x.shape, generator, device=x.device, dtype=x.dtype, **options))
-    return lambda: noise_from_draws(pending.result(), dtype=x.dtype, device=x.device, **options)
+    draws = step_draws(shape, dtype, z_given=z is not None, **options)  # refuses a bad shape here
+    pending = ahead(generator, partial(draw, draws, int(shape[0]), generator, device, move=False) if draws else list)
+    return lambda: noise_from_draws(pending.result(), z=z, dtype=dtype, device=device, **options)
 
 
 def kernel_noise(
@@ -308,15 +295,15 @@ def kernel_noise(
     z: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The step's random draws (z, k): z ~ N(0, I) when eta > 0, and the component indices k on a
-    mixture step (:func:`step_draws` says which, and in what order).
+    mixture step (:func:`step_draws` says which, and in what order), drawn now.
 
     z is drawn first, exactly as diffusers draws its variance noise (same shape, same generator
     or per-sample generators); k is drawn after it, one uniform per sample. At eta = 0 no z is
     drawn (it would be multiplied by zero). ``z`` given: used instead of a draw.
     """
-    options = dict(gmm=gmm, step_index=step_index, num_steps=num_steps, eta=eta)
-    drawn = draw_step(shape, generator, device=device, dtype=dtype, z_given=z is not None, **options)
-    return noise_from_draws(drawn, z=z, dtype=dtype, device=device, **options)
+    return start_draws(
+        shape, generator, device=device, dtype=dtype, gmm=gmm, step_index=step_index, num_steps=num_steps, eta=eta, z=z
+    )()
 
 
 def ddim_kernel_step(
@@ -426,7 +413,9 @@ def sample_ddim(
     final_abar = torch.as_tensor(final_abar, dtype=alphas_cumprod.dtype)
     num_steps = len(timesteps)
     for i, t in enumerate(timesteps):
-        collect_draws = start_draws(x, generator, gmm=gmm, step_index=i, num_steps=num_steps, eta=eta)
+        collect_draws = start_draws(
+            x.shape, generator, device=x.device, dtype=x.dtype, gmm=gmm, step_index=i, num_steps=num_steps, eta=eta
+        )
         t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         model_output = denoiser(x, t_batch)
         abar_t = alphas_cumprod[int(t)]
