@@ -346,7 +346,9 @@ def bench_case(case: Case, args: argparse.Namespace, device: torch.device, table
     if case.context_dim:
         context = torch.randn(2, 77, case.context_dim, generator=torch.Generator().manual_seed(0)).to(device)
     a = images_per_second(bare_loop(case, args.steps, context, device), case.batch, args.repeats, device)
-    base = {"model": case.name, "batch": case.batch}
+    # nfe: model evaluations per image (guided: 2 a step), so that scripts/plan.py scales the rate to other NFE
+    nfe = args.steps * (2 if case.context_dim else 1)
+    base = {"model": case.name, "batch": case.batch, "nfe": nfe, "small": args.small, "device": device.type}
     table.add(
         base
         | {"variant": "(a) bare diffusers loop", "noise": "one generator", "images_per_second": a, "ratio_to_a": 1.0}

@@ -4,10 +4,14 @@ precision/recall, density/coverage and KID need).
     # from a folder of real images (PNG/JPEG), in Inception features (local weights file)
     python scripts/fid_stats.py --images data/cifar10_train --features inception \
         --weights-path weights-inception-2015-12-05-6726825d.pth --out refs/cifar10.npz
+    # from an ADM reference batch (openai/guided-diffusion: arr_0, uint8 N x H x W x 3), streamed
+    python scripts/fid_stats.py --images VIRTUAL_imagenet256_labeled.npz --features inception \
+        --weights-path weights-inception-2015-12-05-6726825d.pth --out refs/imagenet256.npz
     # from a model family's own real images, in its own features (what the runner caches)
     python scripts/fid_stats.py --model toy --n 10000 --out refs/toy.npz
 
-Images are read as uint8, RGB (grayscale files: one channel), and must all have one size. At
+Images are read as uint8, RGB (grayscale files: one channel), and must all have one size. An ADM
+batch's arr_0 is its images (its own mu and sigma, if any, are not read: they are recomputed). At
 least 2 images are needed, and more than the feature dimension for a non-singular covariance
 (a warning says when it is singular); statistics that are not finite are refused, not written.
 """
@@ -15,12 +19,15 @@ least 2 images are needed, and more than the feature dimension for a non-singula
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.metrics import (
     PixelFeatures,
+    adm_batch_images,
     check_reference,
     feature_dim,
     image_folder_batches,
@@ -41,10 +48,17 @@ def model_family(name: str):
     return instantiate(cfg.model.adapter), instantiate(cfg.model.features)
 
 
+def image_batches(path: Path) -> Iterator:
+    """uint8 (B, C, H, W) batches of a folder's images, or of an ADM reference batch's (an .npz file)."""
+    if not path.exists():
+        raise ConfigError(f"--images {str(path)!r} does not exist: give a folder of images or an ADM .npz (arr_0)")
+    return adm_batch_images(path, "--images") if path.is_file() else image_folder_batches(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=Path, help="a folder of real images")
+    source.add_argument("--images", type=Path, help="a folder of real images, or an ADM reference batch (.npz)")
     source.add_argument("--model", help="a model family of conf/model/ (its reference images and features)")
     parser.add_argument("--out", type=Path, required=True, help="the .npz to write")
     parser.add_argument(
@@ -63,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             adapter, extractor = model_family(args.model)
             batches = adapter.reference_images(args.n).split(1000)
         else:
-            batches = list(image_folder_batches(args.images))
-            dim = batches[0][0].numel()
-            extractor = 2048 if args.features == "inception" else PixelFeatures(dim)
+            batches = image_batches(args.images)
+            first = next(batches)  # the pixel count of one image: the pixel features' dimension
+            batches = itertools.chain([first], batches)
+            extractor = 2048 if args.features == "inception" else PixelFeatures(first[0].numel())
         # fewer than 2 images or non-finite features are refused here, before anything is written
         mu, sigma, features = reference_of(extractor, batches, args.weights_path)
         check_reference(mu, sigma, feature_dim(extractor), f"for {args.out}")  # warns if singular

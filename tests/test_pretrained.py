@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_clip_tokenizer
 from helpers.runs import adapter_of, compose_config
+from helpers.tiny_checkpoints import save_dit, save_ldm, save_pixel_ddpm, save_sd
 
 from ddim_gmm_exp.errors import ConfigError
 from ddim_gmm_exp.images import load_png
@@ -19,44 +19,13 @@ from ddim_gmm_exp.runner import run
 FAST = ["data.num_samples=4", "data.batch_size=4", "sampler.steps=3", "metrics.fid.enabled=false", "logger=none"]
 
 
-def tiny_vae(latent_channels=4):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=(8, 8),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=8,
-    )
-
-
 @pytest.fixture(scope="module")
 def pixel_dirs(tmp_path_factory):
     """A google/ddpm-*-style checkpoint (UNet and scheduler config at the root), plain and class-conditional."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    dirs = {}
-    for name, classes in (("plain", None), ("classes", 6)):  # 5 labels and a null class
-        path = tmp_path_factory.mktemp(f"ddpm_{name}")
-        torch.manual_seed(0)
-        UNet2DModel(
-            sample_size=8,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            num_class_embeds=classes,
-        ).save_pretrained(path)
-        DDPMScheduler(num_train_timesteps=1000, clip_sample=True).save_pretrained(path)
-        dirs[name] = path
-    return dirs
+    return {
+        "plain": save_pixel_ddpm(tmp_path_factory.mktemp("ddpm_plain")),
+        "classes": save_pixel_ddpm(tmp_path_factory.mktemp("ddpm_classes"), classes=6),  # 5 labels and a null class
+    }
 
 
 def run_model(tmp_path, cache_dir, overrides):
@@ -114,32 +83,7 @@ def test_precision_and_memory_format_options(pixel_dirs, tmp_path, cache_dir):
 @pytest.fixture(scope="module")
 def ldm_dir(tmp_path_factory):
     """A CompVis/ldm-celebahq-256-style checkpoint: unet/, vqvae/, scheduler/."""
-    from diffusers import DDIMScheduler, UNet2DModel, VQModel
-
-    path = tmp_path_factory.mktemp("ldm")
-    torch.manual_seed(0)
-    UNet2DModel(
-        sample_size=4,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).save_pretrained(path / "unet")
-    VQModel(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=3,
-        block_out_channels=(8, 8),
-        norm_num_groups=4,
-        num_vq_embeddings=16,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    ).save_pretrained(path / "vqvae")
-    DDIMScheduler(clip_sample=False).save_pretrained(path / "scheduler")
-    return path
+    return save_ldm(tmp_path_factory.mktemp("ldm"))
 
 
 def test_latent_ddpm_decodes_through_the_vqvae(ldm_dir, tmp_path, cache_dir):
@@ -154,50 +98,7 @@ def test_latent_ddpm_decodes_through_the_vqvae(ldm_dir, tmp_path, cache_dir):
 @pytest.fixture(scope="module")
 def sd_dirs(tmp_path_factory):
     """stable-diffusion-2-1-style checkpoints (tokenizer, text_encoder, unet, vae, scheduler), eps and v."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    dirs = {}
-    for prediction in ("epsilon", "v_prediction"):
-        path = tmp_path_factory.mktemp(f"sd_{prediction}")
-        tokenizer, vocab_size = tiny_clip_tokenizer(path / "tokenizer_files", max_length=8)
-        tokenizer.save_pretrained(path / "tokenizer")
-        torch.manual_seed(0)
-        CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab_size,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                max_position_embeddings=8,
-                bos_token_id=0,
-                eos_token_id=1,
-            )
-        ).save_pretrained(path / "text_encoder")
-        UNet2DConditionModel(
-            sample_size=4,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            cross_attention_dim=16,
-            attention_head_dim=2,
-            norm_num_groups=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        ).save_pretrained(path / "unet")
-        tiny_vae().save_pretrained(path / "vae")
-        DDIMScheduler(
-            prediction_type=prediction,
-            clip_sample=False,
-            steps_offset=1,
-            beta_schedule="scaled_linear",
-            beta_start=0.00085,
-            beta_end=0.012,
-        ).save_pretrained(path / "scheduler")
-        dirs[prediction] = path
-    return dirs
+    return {p: save_sd(tmp_path_factory.mktemp(f"sd_{p}"), p) for p in ("epsilon", "v_prediction")}
 
 
 def test_stable_diffusion_prompts_guidance_and_v_prediction(sd_dirs, tmp_path, cache_dir):
@@ -259,23 +160,7 @@ def test_clip_score_of_prompted_images(sd_dirs, tmp_path, cache_dir, tiny_clip_d
 @pytest.fixture(scope="module")
 def dit_dir(tmp_path_factory):
     """A facebook/DiT-XL-2-256-style checkpoint: transformer/, vae/, scheduler/ (10 classes here)."""
-    from diffusers import DDIMScheduler, DiTTransformer2DModel
-
-    path = tmp_path_factory.mktemp("dit")
-    torch.manual_seed(0)
-    DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=8,
-        num_layers=1,
-        sample_size=4,
-        patch_size=2,
-        num_embeds_ada_norm=10,
-    ).save_pretrained(path / "transformer")
-    tiny_vae().save_pretrained(path / "vae")
-    DDIMScheduler(clip_sample=False).save_pretrained(path / "scheduler")
-    return path
+    return save_dit(tmp_path_factory.mktemp("dit"))
 
 
 def test_dit_labels_null_class_and_guidance(dit_dir, tmp_path, cache_dir):

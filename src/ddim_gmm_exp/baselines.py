@@ -188,7 +188,7 @@ def edm(
 
 
 # these build their own time grid from the model's scheduler config: the DDIM-family settings
-# (x0_handling) mean nothing to them
+# (x0_handling, previous_timestep) mean nothing to them
 diffusers_scheduler.own_time_grid = True  # type: ignore[attr-defined]
 edm.own_time_grid = True  # type: ignore[attr-defined]
 diffusers_scheduler.model_calls = scheduler_model_calls  # type: ignore[attr-defined]

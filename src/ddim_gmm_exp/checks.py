@@ -31,7 +31,7 @@ from ddim_gmm_exp.samplers import (
     timesteps_are_sound,
     uses_spacing,
 )
-from ddim_gmm_exp.sampling import PREDICTION_TYPES, X0_HANDLINGS
+from ddim_gmm_exp.sampling import PREDICTION_TYPES, PREVIOUS_TIMESTEP_RULES, X0_HANDLINGS
 from ddim_gmm_exp.sweep import check_summary_options, check_x_axis
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -68,6 +68,7 @@ def check_run(spec: RunSpec, in_multirun: bool) -> None:
     check_variant(spec)
     check_sampler(spec)
     check_sampler_options(spec)
+    check_unread_sampler_overrides(spec, in_multirun)
     check_gmm(spec, in_multirun)
     check_paths_and_metrics(spec)
     check_logger(spec)
@@ -83,6 +84,7 @@ def check_run(spec: RunSpec, in_multirun: bool) -> None:
 
 def check_data(spec: RunSpec) -> None:
     data = spec.data
+    check_paper_num_samples(spec)
     check_number("data.batch_size", data.batch_size, 1, integer=True)
     check_number("data.num_samples", data.num_samples, 1, integer=True)
     check_number("data.seed", data.seed, 0, integer=True)
@@ -157,6 +159,18 @@ def check_sampler(spec: RunSpec) -> None:
             f"sampler.x0_handling={sampler.x0_handling!r} is not used by sampler={sampler.name}: "
             "the flow step clips nothing; leave it out"
         )
+    # where a DDIM step lands: the DDIM family's yamls say listed; the others leave it out (None)
+    walks_ddim_steps = sampler.family == "diffusion" and not own_grid
+    if not walks_ddim_steps and sampler.previous_timestep is not None:
+        raise ConfigError(
+            f"sampler.previous_timestep={sampler.previous_timestep!r} is not used by sampler={sampler.name}: "
+            "it steps on its own time grid, not DDIM's; leave it out"
+        )
+    if walks_ddim_steps and sampler.previous_timestep not in PREVIOUS_TIMESTEP_RULES:
+        raise ConfigError(
+            f"sampler.previous_timestep={sampler.previous_timestep!r} is not allowed: choose one of "
+            f"{', '.join(PREVIOUS_TIMESTEP_RULES)}"
+        )
     if sampler.family == "flow" and sampler.timestep_spacing is not None:
         raise ConfigError(
             f"sampler.timestep_spacing={sampler.timestep_spacing!r} is not used by sampler={sampler.name}: "
@@ -201,6 +215,25 @@ def check_sampler_options(spec: RunSpec) -> None:
             IsotropicOffsetKernel(options["scale"], bool(options.get("last_step", False)))
         except ValueError as err:
             raise ConfigError(f"{option_key(spec, 'scale')}: {err} (sampler={sampler.name}'s offset size)") from err
+
+
+def check_unread_sampler_overrides(spec: RunSpec, in_multirun: bool) -> None:
+    """A sampler.NAME override that the sampler does not take is an error in a single run; in a
+    sweep the job repeats the one without it and is skipped (sweeper.check_batch refuses a NAME
+    that no job of the sweep takes)."""
+    sampler = spec.sampler
+    if sampler.unread_overrides and not in_multirun:
+        key, _, value = sampler.unread_overrides[0].lstrip("+~").partition("=")
+        allowed = [name for name in option_names(sampler.function) if name != "gmm"]
+        raise ConfigError(
+            f"{key}={value} is not an option of sampler={sampler.name}: its options are {', '.join(allowed) or 'none'}"
+        )
+
+
+def check_paper_num_samples(spec: RunSpec) -> None:
+    """paper_num_samples (set by experiment=paper_*): a positive integer, or null."""
+    if spec.output.paper_num_samples is not None:
+        check_number("paper_num_samples", spec.output.paper_num_samples, 1, integer=True)
 
 
 def check_variant(spec: RunSpec) -> None:

@@ -45,11 +45,16 @@ class SamplerSpec:
     timestep_spacing: str | None
     guidance_scale: Any
     x0_handling: str | None  # sampling.X0_HANDLINGS for a DDIM-family sampler; None for flow samplers
+    # sampling.PREVIOUS_TIMESTEP_RULES for a DDIM-family sampler (its yaml says listed); None where absent
+    previous_timestep: str | None
     options: dict[str, Any]  # keyword options of the function (eta, ...), gmm excluded
     gmm: dict[str, Any] | None  # GMMHyperparameters fields but dim and n_steps; None: no GMM
     gmm_overrides: list[str] = field(default_factory=list)  # gmm.* overrides this sampler does not read
     gmm_options: dict[str, str] = field(default_factory=dict)  # option -> the gmm key it reads (the control's)
     nfe_budget: Any = None  # the run's top-level nfe: steps are the most that fit it; None: sampler.steps
+    # sampler.* overrides naming an option this sampler does not take (sampler.eta on DPM-Solver++): refused
+    # in a single run; in a sweep, dropped, so the job repeats the one without it and is skipped
+    unread_overrides: list[str] = field(default_factory=list)
 
     @property
     def function(self) -> Sampler:
@@ -114,6 +119,9 @@ class OutputSpec:
     summary_x: Any = None  # summary.x: the sweep summaries' x axis (checked before sampling)
     summary_reference: Any = None  # summary.reference: the sampler differences are paired against
     summary_select_on: Any = None  # summary.select_on: the seeds that choose s (paper.md)
+    # the sample count of the paper's FID for this setting (experiment=paper_*): results.json notes a
+    # run with fewer (FID is biased at small N); None: no paper count to compare with
+    paper_num_samples: Any = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,8 @@ class RunSpec:
             "x0_handling": self.sampler.x0_handling,
             **self.sampler.options,
         }
+        if self.sampler.previous_timestep not in (None, "listed"):  # the default keeps earlier runs' fingerprints
+            sampler["previous_timestep"] = self.sampler.previous_timestep
         data = {k: v for k, v in vars(self.data).items() if k != "batch_size"}
         if data["noise_device"] == "cpu":  # the default keeps the fingerprints of runs from before the key
             del data["noise_device"]
@@ -230,6 +240,24 @@ def unread_gmm_overrides(cfg: DictConfig, overrides: list[str], uses_gmm: bool) 
     return unread
 
 
+def option_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys of overrides (``+sampler.eta=0.2`` -> ``sampler.eta``)."""
+    return {override.lstrip("+~").split("=", 1)[0] for override in overrides}
+
+
+def unread_sampler_overrides(overrides: list[str], takes: list[str]) -> list[str]:
+    """The ``sampler.NAME=...`` overrides whose NAME is neither a run key nor an option the sampler
+    function takes: a sweep of variant=ddim,dpmpp_2m with sampler.eta=0,1 gives DPM-Solver++ an
+    eta it has no use for (the sweeper refuses a name that no job of the sweep takes: a typo)."""
+    unread = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        name = key.removeprefix("sampler.")
+        if key.startswith("sampler.") and "." not in name and name not in RUN_KEYS and name not in takes:
+            unread.append(override)
+    return unread
+
+
 def plain(node: Any) -> Any:
     """A resolved plain container (dict, list, value) of a config node."""
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
@@ -267,7 +295,8 @@ def resolve_run(
     dinov2 = plain(cfg.metrics.get("dinov2")) or {}
     function_path = sampler["function"]
     takes = option_names(resolve_function(function_path))
-    options = {k: v for k, v in sampler.items() if k not in RUN_KEYS}
+    unread = unread_sampler_overrides(overrides, takes)
+    options = {k: v for k, v in sampler.items() if k not in RUN_KEYS and f"sampler.{k}" not in option_keys(unread)}
     data = {
         k: plain(cfg.data[k]) for k in ("num_samples", "batch_size", "seed", "labels", "prompts_file", "noise_device")
     }
@@ -295,11 +324,13 @@ def resolve_run(
             timestep_spacing=sampler.get("timestep_spacing"),
             guidance_scale=sampler["guidance_scale"],
             x0_handling=sampler.get("x0_handling"),
+            previous_timestep=sampler.get("previous_timestep"),
             options=options,
             gmm=plain(cfg.gmm) if "gmm" in takes else None,
             gmm_overrides=unread_gmm_overrides(cfg, overrides, uses_gmm="gmm" in takes),
             gmm_options={} if "gmm" in takes else gmm_options(cfg),
             nfe_budget=budget,
+            unread_overrides=unread,
         ),
         data=DataSpec(**data),
         metrics=MetricsSpec(
@@ -337,5 +368,6 @@ def resolve_run(
             summary_x=OmegaConf.select(cfg, "summary.x", default=None),
             summary_reference=OmegaConf.select(cfg, "summary.reference", default=None),
             summary_select_on=plain(OmegaConf.select(cfg, "summary.select_on", default=None)),
+            paper_num_samples=cfg.get("paper_num_samples"),
         ),
     )

@@ -52,6 +52,7 @@ from ddim_gmm_exp.noise import Generators
 from ddim_gmm_exp.sampling import (
     check_eta,
     check_prediction_type,
+    check_previous_timestep,
     ddim_kernel_step,
     ddim_sigma,
     kernel_noise,
@@ -65,7 +66,6 @@ __all__ = ["DDIMScheduler", "DDIMGMMScheduler", "RFIMScheduler", "GMM"]
 _GMM_FIELDS = [f.name for f in dataclasses.fields(GMMHyperparameters)]
 # Config key -> default; gmm_n_components = None means "no GMM".
 GMM_CONFIG_DEFAULTS: dict[str, Any] = {f"gmm_{name}": None for name in _GMM_FIELDS}
-PREVIOUS_TIMESTEP_RULES = ("diffusers", "listed")
 # Every config key this subclass adds to diffusers' -> default.
 EXTRA_CONFIG_DEFAULTS: dict[str, Any] = {"previous_timestep": "diffusers", **GMM_CONFIG_DEFAULTS}
 
@@ -83,11 +83,7 @@ def _init(self: DDIMScheduler, *args: Any, **kwargs: Any) -> None:
     kwargs.pop("previous_timestep", None)  # registered by the decorator; read from self.config
     # The parent's undecorated init: our decorator already registered the whole config.
     diffusers.DDIMScheduler.__init__.__wrapped__(self, *args, **kwargs)
-    if self.config.previous_timestep not in PREVIOUS_TIMESTEP_RULES:
-        raise ValueError(
-            f"previous_timestep={self.config.previous_timestep!r} is not allowed: "
-            f"choose one of {PREVIOUS_TIMESTEP_RULES}"
-        )
+    check_previous_timestep(self.config.previous_timestep)
     self.gmm_params = None
     self._gmm_by_device: dict[torch.device, GMM] = {}
     self._step_index_of: dict[int, int] = {}
@@ -231,13 +227,18 @@ class DDIMScheduler(diffusers.DDIMScheduler):
             )
         return self._step_index_of[t]
 
-    def _previous_abar(self, timestep: int, i: int) -> torch.Tensor:
-        """abar at the step's target: diffusers' s = t - T // S, or the next listed timestep."""
-        if self.config.previous_timestep == "listed":
-            return previous_abar(self.alphas_cumprod, self.timesteps, i, self.final_alpha_cumprod)
-        # diffusers' own expression, so that the step is bit for bit diffusers' step
-        prev = timestep - self.config.num_train_timesteps // self.num_inference_steps
-        return self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+    def _previous_abar(self, i: int) -> torch.Tensor:
+        """abar at the step's target: diffusers' s = t - T // S, or the next listed timestep
+        (sampling.previous_abar, the one copy of both rules, with diffusers' T and S)."""
+        return previous_abar(
+            self.alphas_cumprod,
+            self._timesteps_host,
+            i,
+            self.final_alpha_cumprod,
+            rule=self.config.previous_timestep,
+            num_train_timesteps=self.config.num_train_timesteps,
+            num_inference_steps=self.num_inference_steps,
+        )
 
     def _gmm_on(self, device: torch.device) -> GMM | None:
         if self.gmm_params is None:
@@ -265,7 +266,7 @@ class DDIMScheduler(diffusers.DDIMScheduler):
         check_prediction_type(self.config.prediction_type)
         t = self._timesteps_host[i]
         abar_t = self.alphas_cumprod[t]
-        abar_prev = self._previous_abar(t, i)
+        abar_prev = self._previous_abar(i)
         gmm = self._gmm_on(model_output.device)
         if not self._warned_eta_zero:
             self._warned_eta_zero = warn_if_gmm_is_inert(gmm, eta)

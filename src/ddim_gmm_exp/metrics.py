@@ -8,7 +8,8 @@ once, and the features are kept (``features.npz``) so that ``scripts/score.py`` 
 without sampling.
 
 Reference statistics are EDM-style ``.npz`` files with ``mu`` and ``sigma``, and ``features`` (n x F)
-where the real images' features are kept (PRDC and KID need them; FID does not). They are loaded into
+where the real images' features are kept (PRDC and KID need them; FID does not); a reference given
+as an image folder or as an ADM reference batch (``arr_0``) becomes one (``reference_file_for``). They are loaded into
 the float64 states of torchmetrics' FrechetInceptionDistance (sum = n mu,
 cov_sum = (n-1) sigma + n mu mu^T, num_samples = n) on global rank 0 only: those states are summed
 over ranks when the metric syncs, so loading them on every rank would count them world_size times.
@@ -25,7 +26,8 @@ import io
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,9 +85,13 @@ def feature_dim(extractor: torch.nn.Module | int) -> int:
 
 class InceptionFeatures(torch.nn.Module):
     """Inception-v3's pool features (2048, or 768/192/64), exactly the module torchmetrics' FID
-    builds for an integer ``feature``, from a local weights file."""
+    builds for an integer ``feature``, from a local weights file.
 
-    def __init__(self, num_features: int = 2048, weights_path: str | None = None) -> None:
+    ``antialias`` is how images are resized to 299 x 299 (metrics.fid.antialias): True, torchmetrics'
+    default, antialiased bilinear; False, TF 1.x's bilinear (torch-fidelity's
+    ``interpolate_bilinear_2d_like_tensorflow1x``), the resize of ADM's and EDM's reference statistics."""
+
+    def __init__(self, num_features: int = 2048, weights_path: str | None = None, antialias: bool = True) -> None:
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
@@ -94,10 +100,25 @@ class InceptionFeatures(torch.nn.Module):
             name="inception-v3-compat",
             features_list=[str(self.num_features)],
             feature_extractor_weights_path=inception_weights_path(weights_path),
+            antialias=bool(antialias),
         )
+
+    @property
+    def antialias(self) -> bool:
+        return bool(self.net.use_antialias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
+
+
+def inception_extractor(
+    num_features: int = 2048, weights_path: str | None = None, antialias: bool = True
+) -> torch.nn.Module | int:
+    """Inception's pool features as the metrics take an extractor: the int (torchmetrics' default,
+    antialiased resize) or, for TF 1.x's resize (antialias=False), an InceptionFeatures module. The
+    int keeps the reference cache keys of runs from before metrics.fid.antialias (extractor_key);
+    the module's key says its resize, so the two resizes never share a cache."""
+    return int(num_features) if antialias else InceptionFeatures(num_features, weights_path, antialias=False)
 
 
 class GivenFeatures(torch.nn.Module):
@@ -156,11 +177,16 @@ def feature_extractor(extractor: torch.nn.Module | int, weights_path: str | None
     return InceptionFeatures(extractor, weights_path) if isinstance(extractor, int) else extractor
 
 
-def make_fid(extractor: torch.nn.Module | int, weights_path: str | None = None) -> FrechetInceptionDistance:
-    """torchmetrics FID over a custom feature module, or Inception (2048/768/192/64) from a local file."""
+def make_fid(
+    extractor: torch.nn.Module | int, weights_path: str | None = None, antialias: bool = True
+) -> FrechetInceptionDistance:
+    """torchmetrics FID over a custom feature module, or Inception (2048/768/192/64) from a local file,
+    resizing antialiased (torchmetrics' default) or as TF 1.x does (antialias=False)."""
     if isinstance(extractor, int):
         return FrechetInceptionDistance(
-            feature=extractor, feature_extractor_weights_path=inception_weights_path(weights_path)
+            feature=extractor,
+            feature_extractor_weights_path=inception_weights_path(weights_path),
+            antialias=bool(antialias),
         )
     return FrechetInceptionDistance(feature=extractor)
 
@@ -333,12 +359,17 @@ CACHE_KEY_VERSION = "v3"  # v1 keyed folders by mtime and extractors by class na
 
 
 def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:  # streamed (hashlib.file_digest is 3.11+): an ADM reference batch is GBs
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def extractor_key(extractor: torch.nn.Module | int, weights_path: str | None = None) -> str:
     """What decides an extractor's features: Inception's dimension and the content of its weights
-    file (wherever it lies), or a module's class, dimension and a hash of its state_dict."""
+    file (wherever it lies), or a module's class, dimension and a hash of its state_dict, and for an
+    Inception resizing as TF 1.x does, that resize (its state_dict is the same as the default's)."""
     if isinstance(extractor, int):
         return f"inception-{extractor}|weights-sha256={file_sha256(inception_weights_path(weights_path))}"
     digest = hashlib.sha256()
@@ -350,7 +381,9 @@ def extractor_key(extractor: torch.nn.Module | int, weights_path: str | None = N
         else:  # a module's extra state
             digest.update(f"{name}|{value!r}|".encode())
     cls = type(extractor)
-    return f"{cls.__module__}.{cls.__qualname__}-{feature_dim(extractor)}|state-sha256={digest.hexdigest()}"
+    key = f"{cls.__module__}.{cls.__qualname__}-{feature_dim(extractor)}|state-sha256={digest.hexdigest()}"
+    # only the non-default resize is named: the default's keys (caches, features.npz) stay as they were
+    return key + "|antialias=false" if isinstance(extractor, InceptionFeatures) and not extractor.antialias else key
 
 
 def folder_key(files: list[Path], folder: str | Path) -> str:
@@ -445,6 +478,169 @@ def cached_reference(
         key,
         f"{n} real images",
         lambda: adapter.reference_images(n).split(1000),
+        extractor,
+        weights_path,
+    )
+
+
+# ----------------------------------------------------------------------------------- given references
+# A reference as the field ships one: an image folder, statistics (EDM's and ADM's .npz: mu, sigma), or
+# ADM's reference batch (openai/guided-diffusion evaluations: the images themselves as arr_0).
+
+ADM_IMAGES = "arr_0"  # ADM's name for the images: what np.savez calls its first unnamed array
+
+
+def reference_file_for(
+    given: str | Path,
+    extractor: torch.nn.Module | int,
+    cache_dir: str | Path,
+    weights_path: str | None = None,
+    setting: str = "metrics.fid.reference",
+) -> Path:
+    """The .npz of reference statistics (mu, sigma, maybe features) for a given reference, by one rule:
+
+    - a folder of images: featurised through the run's extractor once and cached (folder_reference);
+    - an .npz whose ``mu`` has the run's feature dimension (EDM's files; ADM's, whose mu and sigma are
+      TF-Inception pool3 features of 2048): used as it is, mu and sigma only (PRDC and KID need
+      features: they are skipped with a note, unless it also holds ``features``);
+    - else an .npz with ``arr_0``, uint8 N x H x W x C images (an ADM reference batch, or its mu and
+      sigma are of another space, e.g. DINOv2's): featurised once and cached like a folder, keyed by
+      the file's sha256 and the extractor, features kept;
+    - else refused in one line (setting names the config key): statistics of another dimension and no
+      images, or neither statistics nor images.
+    """
+    path = Path(given)
+    if path.is_dir():
+        return folder_reference(path, extractor, cache_dir, weights_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{setting}={str(path)!r} does not exist: give a folder of images, an .npz with mu and sigma "
+            "(EDM, ADM, scripts/fid_stats.py) or an ADM reference batch (.npz with arr_0)"
+        )
+    keys, dim = npz_keys(path, setting), feature_dim(extractor)
+    has_statistics = {"mu", "sigma"} <= keys
+    if has_statistics and npz_array_header(path, "mu", setting)[0] == (dim,):
+        return path
+    if ADM_IMAGES in keys:
+        log.info("%s=%s: featurising its %s images (its keys: %s)", setting, path, ADM_IMAGES, ", ".join(sorted(keys)))
+        return adm_batch_reference(path, extractor, cache_dir, weights_path, setting)
+    if has_statistics:  # statistics_problem says which dimension against which
+        problem = statistics_problem(*load_reference(path), dim)
+        raise ConfigError(f"reference statistics in {str(path)!r} {problem} (and it holds no {ADM_IMAGES} images)")
+    raise ConfigError(
+        f"{setting}={str(path)!r} is neither EDM/ADM statistics (mu, sigma) nor an ADM reference batch "
+        f"({ADM_IMAGES}): keys found {sorted(keys)}; the run's features have dimension {dim}"
+    )
+
+
+def holds_images(given: str | Path) -> bool:
+    """Whether a given reference is images (a folder, or an .npz with arr_0) that any extractor can
+    featurise, rather than statistics of one feature space."""
+    path = Path(given)
+    if path.is_dir() or not path.is_file():
+        return path.is_dir()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return f"{ADM_IMAGES}.npy" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def npz_keys(path: Path, setting: str) -> set[str]:
+    """The array names in an .npz (a zip of NAME.npy), read from its directory, not its data."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name.removesuffix(".npy") for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{setting}={str(path)!r} is not an .npz (nor a folder of images): {err}") from err
+
+
+def read_npy_header(file: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from an open .npy stream, which is left at the array's data."""
+    version = np.lib.format.read_magic(file)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(file)
+
+
+def npz_array_header(path: Path, name: str, setting: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of one array of an .npz, without reading its data (ADM's ImageNet
+    512 reference batch is 7.9 GB)."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as member:
+            return read_npy_header(member)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{setting}={str(path)!r}: its {name} cannot be read ({err})") from err
+
+
+def adm_batch_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """What makes an arr_0 of this shape and dtype unusable as reference images; None if nothing."""
+    if dtype != np.uint8:
+        return f"has dtype {dtype}: reference images must be uint8 (0..255), as ADM's reference batches hold them"
+    if len(shape) != 4 or shape[3] not in (1, 3):
+        return (
+            f"has shape {shape}: reference images must be N x H x W x C (NHWC, as ADM's reference batches "
+            "hold them) with C = 3 (RGB) or 1 (grayscale)"
+        )
+    if shape[0] < 2:
+        return f"holds {shape[0]} image(s): reference statistics need at least 2 (a covariance)"
+    return None
+
+
+def adm_batch_header(path: Path, setting: str) -> tuple[tuple[int, ...], bool]:
+    """(shape, fortran_order) of an ADM reference batch's images; a ConfigError naming the file,
+    arr_0's shape or dtype and what is allowed, where they are not uint8 NHWC images."""
+    shape, fortran, dtype = npz_array_header(path, ADM_IMAGES, setting)
+    problem = adm_batch_problem(shape, dtype)
+    if problem is not None:
+        raise ConfigError(f"{setting}={str(path)!r}: {ADM_IMAGES} {problem}")
+    return shape, fortran
+
+
+def adm_batch_images(path: str | Path, setting: str = "--images", batch: int = 256) -> Iterator[torch.Tensor]:
+    """uint8 (B, C, H, W) batches of an ADM reference batch's images (arr_0, N x H x W x C), in file
+    order, as image_folder_batches gives a folder's; checked first (a ConfigError), then streamed."""
+    shape, fortran = adm_batch_header(Path(path), setting)
+    return npz_image_batches(Path(path), shape, fortran, batch)
+
+
+def npz_image_batches(path: Path, shape: tuple[int, ...], fortran: bool, batch: int) -> Iterator[torch.Tensor]:
+    """arr_0's images read batch by batch from the zip member (memory: one batch, not the file)."""
+    if fortran:  # its bytes are not image after image: the whole array, as np.load reads it
+        with np.load(path) as data:
+            images = np.ascontiguousarray(data[ADM_IMAGES])
+        for start in range(0, len(images), batch):
+            yield torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2)
+        return
+    image_bytes = int(np.prod(shape[1:]))  # uint8
+    with zipfile.ZipFile(path) as archive, archive.open(f"{ADM_IMAGES}.npy") as member:
+        read_npy_header(member)
+        for start in range(0, shape[0], batch):
+            count = min(batch, shape[0] - start)
+            data = member.read(count * image_bytes)
+            if len(data) != count * image_bytes:
+                raise ConfigError(f"{str(path)!r}: {ADM_IMAGES} is truncated (its header says {shape[0]} images)")
+            yield torch.frombuffer(bytearray(data), dtype=torch.uint8).view(count, *shape[1:]).permute(0, 3, 1, 2)
+
+
+def adm_batch_reference(
+    path: Path,
+    extractor: torch.nn.Module | int,
+    cache_dir: str | Path,
+    weights_path: str | None = None,
+    setting: str = "metrics.fid.reference",
+) -> Path:
+    """Reference statistics of an ADM reference batch's images (arr_0), computed once and cached,
+    keyed by the file's content and the extractor's weights; the features are kept (PRDC, KID)."""
+    shape, _ = adm_batch_header(path, setting)
+    key = (
+        f"{CACHE_KEY_VERSION}|adm-batch|{shape[0]} images|content-sha256={file_sha256(path)}|"
+        f"{extractor_key(extractor, weights_path)}"
+    )
+    return cached_statistics(
+        cache_path(cache_dir, "fid_ref_adm", key),
+        key,
+        f"{shape[0]} images ({ADM_IMAGES}) in {path}",
+        lambda: adm_batch_images(path, setting),
         extractor,
         weights_path,
     )
@@ -910,19 +1106,28 @@ class SeededInceptionScore(InceptionScore):
 
 
 def inception_score_extra(
-    weights_path: str | None = None, adapter: Any = None, seed: int = 0, logits: torch.nn.Module | None = None
+    weights_path: str | None = None,
+    adapter: Any = None,
+    seed: int = 0,
+    logits: torch.nn.Module | None = None,
+    antialias: bool = True,
 ) -> tuple[Metric, Callable]:
     """A ``metrics.extra`` entry: Inception Score (SeededInceptionScore) from a local Inception
     weights file; ``seed`` seeds the shuffle into groups (MetricSuite's seed replaces it).
-    ``logits``, when given, is the classifier scored instead of Inception-v3 (a module from uint8
-    images to class logits, e.g. a model family's own classifier)."""
+    ``antialias`` is Inception's resize to 299 x 299 (InceptionFeatures; the runner passes
+    metrics.fid.antialias). ``logits``, when given, is the classifier scored instead of Inception-v3
+    (a module from uint8 images to class logits, e.g. a model family's own classifier), which
+    resizes nothing: antialias=False is refused with it."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
+    if logits is not None and not antialias:
+        raise ConfigError("inception_score_extra: antialias=False is not used with logits: it applies to Inception's resize")
     if logits is None:
         logits = NoTrainInceptionV3(
             name="inception-v3-compat",
             features_list=["logits_unbiased"],
             feature_extractor_weights_path=inception_weights_path(weights_path),
+            antialias=bool(antialias),
         )
     metric = SeededInceptionScore(feature=logits, seed=seed)
     return metric, lambda images, labels, prompts: (images,)

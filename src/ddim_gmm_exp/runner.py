@@ -40,10 +40,11 @@ from ddim_gmm_exp.metrics import (
     check_reference,
     diversity_problem,
     feature_dim,
-    folder_reference,
+    holds_images,
     kid_subset_size,
     load_reference,
     load_reference_features,
+    reference_file_for,
 )
 from ddim_gmm_exp.models.base import ModelAdapter
 from ddim_gmm_exp.module import SamplingModule, SamplingPlan
@@ -54,6 +55,7 @@ from ddim_gmm_exp.samplers import (
     ddim_scheduler,
     has_own_time_grid,
     kernel_sigmas,
+    warn_if_spacing_differs,
 )
 from ddim_gmm_exp.sampling import warn_if_gmm_is_inert
 from ddim_gmm_exp.sweeper import planned_job
@@ -175,6 +177,9 @@ def skip_as_duplicate(spec: RunSpec, original: Path) -> dict[str, Any]:
     reason = f"same samples and metric settings as job {original.name}"
     if spec.sampler.gmm_overrides:
         reason += f": gmm.* does not apply to sampler={spec.sampler.name}, which uses no GMM"
+    if spec.sampler.unread_overrides:
+        names = ", ".join(o.lstrip("+~").split("=", 1)[0] for o in spec.sampler.unread_overrides)
+        reason += f": {names} does not apply to sampler={spec.sampler.name}, which takes no such option"
     output_dir = spec.output.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "skipped.json").write_text(json.dumps({"skipped": reason, "same_as": str(original)}, indent=2))
@@ -251,8 +256,10 @@ def build_schedule(spec: RunSpec, adapter: ModelAdapter) -> Schedule:
             scheduler_config=dict(adapter.scheduler_config),
         )
     # a sampler on its own sigma grid (EDM, spacing null) takes the alpha-bars from this one alone
+    warn_if_spacing_differs(adapter.scheduler_config, spec.sampler.timestep_spacing)
     scheduler = ddim_scheduler(adapter.scheduler_config, spec.sampler.timestep_spacing or "leading", steps)
-    return DiffusionSchedule.from_scheduler(scheduler, spec.sampler.x0_handling, adapter.scheduler_config)
+    rule = spec.sampler.previous_timestep or "listed"  # None: a sampler that takes no DDIM steps
+    return DiffusionSchedule.from_scheduler(scheduler, spec.sampler.x0_handling, adapter.scheduler_config, rule)
 
 
 def build_gmm(spec: RunSpec, adapter: ModelAdapter, num_steps: int) -> GMM | None:
@@ -347,16 +354,15 @@ def build_metrics(
 
 def dinov2_space(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter) -> FeatureSpace:
     """FD, PRDC and KID in DINOv2's features (metrics=dinov2): the reference is metrics.dinov2.reference
-    (an image folder, or an .npz made in these features), else metrics.fid.reference where it is a
-    folder, else the family's real images; folders and real images are featurised once and cached."""
+    (an image folder, an .npz made in these features, or an ADM reference batch), else
+    metrics.fid.reference where it is images (a folder or an ADM batch), else the family's real images;
+    images are featurised once and cached."""
     extractor = DINOv2Features(metrics.dinov2_path)
-    given = metrics.dinov2_reference
-    if given is None and metrics.fid_reference is not None and Path(metrics.fid_reference).is_dir():
-        given = metrics.fid_reference
-    if given is not None and Path(given).is_dir():
-        path = folder_reference(given, extractor, metrics.cache_dir)
-    elif given is not None:
-        path = Path(given)
+    given, setting = metrics.dinov2_reference, "metrics.dinov2.reference"
+    if given is None and metrics.fid_reference is not None and holds_images(metrics.fid_reference):
+        given, setting = metrics.fid_reference, "metrics.fid.reference"
+    if given is not None:  # a folder, statistics in these features, or an ADM batch (metrics.reference_file_for)
+        path = reference_file_for(given, extractor, metrics.cache_dir, setting=setting)
     else:
         key = json.dumps(model.fingerprint, sort_keys=True)
         path = cached_reference(adapter, extractor, key, metrics.cache_dir, metrics.fid_reference_samples)
@@ -406,16 +412,15 @@ def diversity_notes(
 
 def fid_reference(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter) -> tuple[Any, Path]:
     """The feature extractor (a module, or 2048 for Inception) and the reference .npz: a given
-    .npz, an image folder's, the family's shipped one, or one of the family's real images, computed
-    once and cached (folders and real images keep their features too)."""
+    reference (statistics, or an image folder's or ADM batch's: metrics.reference_file_for), the
+    family's shipped one, or one of the family's real images, computed once and cached (images
+    keep their features too)."""
     features = metrics.fid_features or ("model" if model.features is not None else "inception")
     extractor = instantiate(model.features) if features == "model" else 2048
     shipped = adapter.reference_stats if features == "model" else None
     reference_path = metrics.fid_reference
-    if reference_path is not None and Path(reference_path).is_dir():
-        path = folder_reference(reference_path, extractor, metrics.cache_dir, metrics.fid_weights_path)
-    elif reference_path is not None:
-        path = Path(reference_path)
+    if reference_path is not None:  # a folder, EDM/ADM statistics or an ADM batch (metrics.reference_file_for)
+        path = reference_file_for(reference_path, extractor, metrics.cache_dir, metrics.fid_weights_path)
     elif shipped is not None:
         path = Path(shipped)
     else:
@@ -497,6 +502,7 @@ def run_metadata(
         "guidance_scale": spec.sampler.guidance_scale,
         # what the steps did to x0_hat ("model" resolved against the model's scheduler config)
         "x0_handling": None if has_own_time_grid(plan.sampler) else getattr(plan.schedule, "x0_handling", None),
+        "previous_timestep": spec.sampler.previous_timestep,  # where DDIM steps land; None: no DDIM steps
         "conditional": plan.labels is not None or plan.prompts is not None,
         "n_components": None,
         "gmm_scale": spec.sampler.options.get("scale"),  # the control's offset size (gmm.scale)
@@ -521,4 +527,20 @@ def run_metadata(
         }
     if samples_from is not None:
         meta["samples_from"] = str(samples_from)
-    return meta | notes | {"settings": spec.settings()}
+    return meta | notes | paper_count_note(spec) | {"settings": spec.settings()}
+
+
+def paper_count_note(spec: RunSpec) -> dict[str, Any]:
+    """results.json's record of the paper's sample count (experiment=paper_*), and a note where the
+    run has fewer: FID's bias grows as N shrinks, so only runs of equal N compare (not refused)."""
+    paper = spec.output.paper_num_samples
+    if paper is None:
+        return {}
+    note = {"paper_num_samples": paper}
+    if spec.data.num_samples < paper:
+        note["num_samples_note"] = (
+            f"data.num_samples={spec.data.num_samples} is below the paper's {paper} for this setting: FID is "
+            "biased upward at small N, so these numbers compare with runs of the same N, not with the paper's"
+        )
+        log.warning("%s", note["num_samples_note"])
+    return note

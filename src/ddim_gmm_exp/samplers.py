@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from ddim_gmm_exp.noise import Generators
 from ddim_gmm_exp.sampling import (
     Denoiser,
     StepCallback,
+    check_previous_timestep,
     ddim_sigmas,
     sample_ddim,
     x0_handling_name,
@@ -39,15 +41,28 @@ from ddim_gmm_exp.sampling import (
 )
 
 # Keys of a sampler config that the runner reads itself; every other key is a sampler option.
-RUN_KEYS = ("name", "function", "family", "steps", "timestep_spacing", "guidance_scale", "x0_handling")
+RUN_KEYS = (
+    "name",
+    "function",
+    "family",
+    "steps",
+    "timestep_spacing",
+    "guidance_scale",
+    "x0_handling",
+    "previous_timestep",
+)
 FAMILIES = ("diffusion", "flow")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DiffusionSchedule:
     """The timesteps of a DDPM-trained model and its alpha-bars (noisiest first).
 
-    The step from timesteps[i] goes to timesteps[i + 1], and after the last to final_abar.
+    The step from timesteps[i] goes to timesteps[i + 1], and after the last to final_abar
+    (previous_timestep "listed"); with "diffusers", to t - T // S as diffusers' DDIMScheduler steps
+    (sampling.previous_abar).
     """
 
     timesteps: list[int]
@@ -60,6 +75,8 @@ class DiffusionSchedule:
     # builds its scheduler from (the DDIM samplers walk `timesteps`)
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     spacing: str | None = None
+    previous_timestep: str = "listed"  # sampling.PREVIOUS_TIMESTEP_RULES: where each DDIM step lands
+    num_train_timesteps: int | None = None  # T of the "diffusers" rule; None: len(alphas_cumprod)
 
     @property
     def num_steps(self) -> int:
@@ -67,11 +84,17 @@ class DiffusionSchedule:
 
     @classmethod
     def from_scheduler(
-        cls, scheduler: Any, x0_handling: str | None = "model", scheduler_config: dict[str, Any] | None = None
+        cls,
+        scheduler: Any,
+        x0_handling: str | None = "model",
+        scheduler_config: dict[str, Any] | None = None,
+        previous_timestep: str = "listed",
     ) -> DiffusionSchedule:
         """The schedule of a diffusers DDIMScheduler after set_timesteps: its timesteps, alpha-bars,
-        prediction type, and the x0 handling (sampling.X0_HANDLINGS; "model": the scheduler
-        config's clipping / thresholding, eps kept, as diffusers' step does by default)."""
+        prediction type, the x0 handling (sampling.X0_HANDLINGS; "model": the scheduler
+        config's clipping / thresholding, eps kept, as diffusers' step does by default) and where
+        the steps land (sampling.PREVIOUS_TIMESTEP_RULES)."""
+        check_previous_timestep(previous_timestep)
         return cls(
             timesteps=scheduler.timesteps.tolist(),
             alphas_cumprod=scheduler.alphas_cumprod,
@@ -80,6 +103,8 @@ class DiffusionSchedule:
             step_options={} if x0_handling is None else x0_handling_options(x0_handling, scheduler.config),
             scheduler_config=dict(scheduler_config if scheduler_config is not None else scheduler.config),
             spacing=scheduler.config.timestep_spacing,
+            previous_timestep=previous_timestep,
+            num_train_timesteps=int(scheduler.config.num_train_timesteps),
         )
 
     @property
@@ -147,6 +172,8 @@ def ddim_gmm(
         generator=generator,
         callback=callback,
         prediction_type=schedule.prediction_type,
+        previous_timestep=schedule.previous_timestep,
+        num_train_timesteps=schedule.num_train_timesteps,
         **schedule.step_options,
     )
 
@@ -224,9 +251,30 @@ def ddim_scheduler(scheduler_config: dict[str, Any], spacing: str, steps: int) -
     """diffusers' DDIMScheduler for the model's config with this spacing, after set_timesteps(steps)."""
     from ddim_gmm_exp.diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(dict(scheduler_config) | {"timestep_spacing": spacing})
+    # without the private keys: from_config skips every key an in-memory config lists in
+    # _use_default_values, the spacing given here included
+    config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    scheduler = DDIMScheduler.from_config(config | {"timestep_spacing": spacing})
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def warn_if_spacing_differs(scheduler_config: dict[str, Any], spacing: str | None) -> bool:
+    """Log one warning where the model's scheduler config states a timestep_spacing other than the
+    run's: sampler.timestep_spacing replaces it ("leading" for every model unless set, so that
+    step grids match across models and samplers). None (EDM's own sigma grid) uses no spacing.
+    Returns whether it warned."""
+    own = scheduler_config.get("timestep_spacing")
+    if spacing is None or own is None or own == spacing:
+        return False
+    log.warning(
+        "the model's scheduler config sets timestep_spacing=%r but the run uses sampler.timestep_spacing=%r "
+        "(the same for every model, so that grids match): pass sampler.timestep_spacing=%s to use the checkpoint's",
+        own,
+        spacing,
+        own,
+    )
+    return True
 
 
 def timesteps_are_sound(timesteps: list[int], steps: int, num_train_timesteps: int) -> bool:
@@ -240,7 +288,14 @@ def kernel_sigmas(schedule: Schedule, eta: float) -> list[float]:
     """sigma of every step, as the kernels use it: DDIM's eq. 16, or eta * s for the flow step t -> s."""
     if isinstance(schedule, FlowSchedule):
         return rfim_sigmas(schedule.sigmas, eta)
-    return ddim_sigmas(schedule.alphas_cumprod, schedule.timesteps, schedule.final_abar, eta)
+    return ddim_sigmas(
+        schedule.alphas_cumprod,
+        schedule.timesteps,
+        schedule.final_abar,
+        eta,
+        schedule.previous_timestep,
+        schedule.num_train_timesteps,
+    )
 
 
 def resolve_function(path: str) -> Sampler:
@@ -267,7 +322,7 @@ def option_names(function: Sampler) -> list[str]:
 
 def has_own_time_grid(function: Sampler) -> bool:
     """Whether the sampler builds its own time grid from the model's scheduler config (the baselines:
-    diffusers' schedulers, EDM), so that the DDIM family's x0_handling means nothing to it."""
+    diffusers' schedulers, EDM), so that the DDIM family's x0_handling and previous_timestep mean nothing to it."""
     return bool(getattr(function, "own_time_grid", False))
 
 

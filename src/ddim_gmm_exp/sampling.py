@@ -377,11 +377,43 @@ def classifier_free_guidance(
     return out_uncond + scale * (out_cond - out_uncond)
 
 
+# Where the step from timesteps[i] lands (sampler.previous_timestep; docs/models.md):
+#   listed     the next listed timestep, final_abar after the last: DDIM's step tau_i -> tau_{i-1},
+#              right for every spacing (the runner's default)
+#   diffusers  diffusers' DDIMScheduler.step: s = t - T // S, final_abar once s < 0; off the grid for
+#              "linspace", and for "trailing" with T % S != 0 (for numbers comparable with its pipelines)
+PREVIOUS_TIMESTEP_RULES = ("listed", "diffusers")
+
+
+def check_previous_timestep(rule: str) -> None:
+    if rule not in PREVIOUS_TIMESTEP_RULES:
+        raise ValueError(
+            f"previous_timestep={rule!r} is not allowed: choose one of {', '.join(PREVIOUS_TIMESTEP_RULES)}"
+        )
+
+
 def previous_abar(
-    alphas_cumprod: torch.Tensor, timesteps: Sequence[int], i: int, final_abar: torch.Tensor
+    alphas_cumprod: torch.Tensor,
+    timesteps: Sequence[int],
+    i: int,
+    final_abar: torch.Tensor,
+    rule: str = "listed",
+    num_train_timesteps: int | None = None,
+    num_inference_steps: int | None = None,
 ) -> torch.Tensor:
-    """abar at the step after timesteps[i] in the actual list (final_abar after the last one)."""
-    return alphas_cumprod[int(timesteps[i + 1])] if i + 1 < len(timesteps) else final_abar
+    """abar at the target of the step from timesteps[i], by ``rule`` (:data:`PREVIOUS_TIMESTEP_RULES`).
+
+    The diffusers rule's T and S default to len(alphas_cumprod) and len(timesteps); diffusers' own
+    step uses its config's num_train_timesteps and its num_inference_steps (which "trailing" can
+    list one timestep more than)."""
+    if rule == "listed":
+        return alphas_cumprod[int(timesteps[i + 1])] if i + 1 < len(timesteps) else final_abar
+    check_previous_timestep(rule)
+    total = len(alphas_cumprod) if num_train_timesteps is None else num_train_timesteps
+    steps = len(timesteps) if num_inference_steps is None else num_inference_steps
+    # diffusers' own expression (DDIMScheduler.step), so that the step is its step bit for bit
+    prev = int(timesteps[i]) - total // steps
+    return alphas_cumprod[prev] if prev >= 0 else final_abar
 
 
 def sample_ddim(
@@ -396,6 +428,8 @@ def sample_ddim(
     generator: Generators = None,
     callback: StepCallback | None = None,
     prediction_type: str = "epsilon",
+    previous_timestep: str = "listed",
+    num_train_timesteps: int | None = None,
     **step_options: object,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021) or, with a GMM, DDIM-GMM (Gabbur 2026) from x_T down to x_0.
@@ -403,10 +437,13 @@ def sample_ddim(
     ``denoiser(x, t)`` returns the model output for the batch x at timestep t (a (B,) long
     tensor); ``timesteps`` run from the noisiest down; ``callback(i, t, x_s, x0_hat)`` sees
     every step. The GMM's step i is used on the i-th step run, except on the last step unless
-    the GMM has ``last_step=True`` (METHOD.md).
+    the GMM has ``last_step=True`` (METHOD.md). Each step lands where ``previous_timestep`` says
+    (:func:`previous_abar`; T = ``num_train_timesteps``, default len(alphas_cumprod)).
     """
     check_eta(eta)
     check_prediction_type(prediction_type)
+    check_previous_timestep(previous_timestep)
+    target = partial(previous_abar, rule=previous_timestep, num_train_timesteps=num_train_timesteps)
     if gmm is not None:
         gmm.check_num_steps(len(timesteps))
         gmm.check_shape(tuple(x.shape))
@@ -419,7 +456,7 @@ def sample_ddim(
         t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         model_output = denoiser(x, t_batch)
         abar_t = alphas_cumprod[int(t)]
-        abar_prev = previous_abar(alphas_cumprod, timesteps, i, final_abar)
+        abar_prev = target(alphas_cumprod, timesteps, i, final_abar)
         noise, components = collect_draws()
         x, x0, mean = ddim_step(
             model_output,
@@ -459,12 +496,19 @@ def report_step(
 
 
 def ddim_sigmas(
-    alphas_cumprod: torch.Tensor, timesteps: Sequence[int], final_abar: torch.Tensor | float, eta: float
+    alphas_cumprod: torch.Tensor,
+    timesteps: Sequence[int],
+    final_abar: torch.Tensor | float,
+    eta: float,
+    previous_timestep: str = "listed",
+    num_train_timesteps: int | None = None,
 ) -> list[float]:
-    """sigma of every step of a run, in the order the steps run."""
+    """sigma of every step of a run, in the order the steps run, each to its target by
+    ``previous_timestep`` (as :func:`sample_ddim` steps)."""
     final_abar = torch.as_tensor(final_abar, dtype=alphas_cumprod.dtype)
+    target = partial(previous_abar, rule=previous_timestep, num_train_timesteps=num_train_timesteps)
     return [
-        float(ddim_sigma(alphas_cumprod[int(t)], previous_abar(alphas_cumprod, timesteps, i, final_abar), eta))
+        float(ddim_sigma(alphas_cumprod[int(t)], target(alphas_cumprod, timesteps, i, final_abar), eta))
         for i, t in enumerate(timesteps)
     ]
 

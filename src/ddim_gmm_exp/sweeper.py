@@ -28,7 +28,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 
 from ddim_gmm_exp import checks
-from ddim_gmm_exp.config import RunSpec, resolve_run, sweep_group
+from ddim_gmm_exp.config import RunSpec, option_keys, resolve_run, sweep_group
 from ddim_gmm_exp.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,10 @@ def check_batch(config_loader: Any, master: DictConfig, batch: Sequence[Sequence
     also written to the sweep dir's PLAN_FILE."""
     first = len(planned)
     log.info("composing and checking %d jobs (the checks that need no model)", len(batch))
-    jobs = [check_job(config_loader, master, list(overrides), first + i) for i, overrides in enumerate(batch)]
+    specs = [checked_spec(config_loader, master, list(overrides), first + i) for i, overrides in enumerate(batch)]
+    refuse_options_no_job_takes(specs, Path(master.hydra.sweep.dir))
+    numbered = zip(range(first, first + len(batch)), specs, batch, strict=True)
+    jobs = [plan_entry(spec, num, list(overrides)) for num, spec, overrides in numbered]
     planned = link_repeats(planned + jobs)
     (Path(master.hydra.sweep.dir) / PLAN_FILE).write_text(json.dumps({"jobs": planned}, indent=2))
     repeats = sum(job["duplicate_of"] is not None for job in jobs)
@@ -78,7 +81,7 @@ def check_batch(config_loader: Any, master: DictConfig, batch: Sequence[Sequence
     return planned
 
 
-def check_job(config_loader: Any, master: DictConfig, overrides: list[str], num: int) -> dict[str, Any]:
+def checked_spec(config_loader: Any, master: DictConfig, overrides: list[str], num: int) -> RunSpec:
     """Compose job ``num`` as the launcher will, resolve it and check it; a bad job refuses the sweep."""
     from ddim_gmm_exp.cli import fail
 
@@ -92,7 +95,23 @@ def check_job(config_loader: Any, master: DictConfig, overrides: list[str], num:
         if isinstance(err, HydraException) and err.__cause__ is not None:  # Hydra's own says why in its cause
             reason += f": {str(err.__cause__).splitlines()[0]}"
         fail(f"job {num} ({' '.join(overrides)}): {reason}; no job of the sweep was run")
-    return plan_entry(spec, num, overrides)
+    return spec
+
+
+def refuse_options_no_job_takes(specs: list[RunSpec], sweep_dir: Path) -> None:
+    """A sampler.NAME that some jobs' samplers do not take is dropped there (they repeat another
+    job); one that no job of the sweep takes is a typo, and refuses the sweep."""
+    from ddim_gmm_exp.cli import fail
+
+    taken = {f"sampler.{name}" for spec in specs for name in spec.sampler.options}
+    for spec in specs:
+        for override in spec.sampler.unread_overrides:
+            if option_keys([override]) - taken:
+                remove_unused_sweep_dir(sweep_dir)
+                fail(
+                    f"{override.lstrip('+~')} is an option of no sampler in this sweep "
+                    f"({', '.join(sorted({s.sampler.name for s in specs}))}); no job of the sweep was run"
+                )
 
 
 def resolve_job(config_loader: Any, master: DictConfig, overrides: list[str], num: int) -> RunSpec:

@@ -10,6 +10,7 @@ it. Precision (fp32 | fp16 | bf16 autocast), channels_last and torch.compile app
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,54 @@ def load_component(cls: Any, source: str, subfolder: str | None, what: str, offl
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         where = f"{source}/{subfolder}" if subfolder else source
+        if Path(source).is_dir():  # a local directory: say what is wrong in it, not how to download a hub id
+            missing = f"it has no {subfolder}/ folder" if subfolder and not Path(where).is_dir() else first_line(err)
+            raise ConfigError(f"cannot load the {what} from model.path {where!r}: {missing}") from err
         raise ConfigError(
             f"cannot load the {what} from {where!r} offline: download the checkpoint where the hub is reachable "
             f"(hf download {source} --local-dir DIR) and pass model.path=DIR"
         ) from err
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (diffusers' errors run to paragraphs)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+# SD3's T5 text encoder: optional (model.text_encoder_3=false runs without it, zeros in its place)
+T5_COMPONENTS = ("text_encoder_3", "tokenizer_3")
+
+
+def missing_components(directory: Path, optional: tuple[str, ...] = ()) -> list[str]:
+    """The components a local pipeline directory's model_index.json lists (with a class) but has no
+    folder for, ``optional`` ones left out; ["model_index.json"] when there is no index."""
+    index_file = directory / "model_index.json"
+    if not index_file.is_file():
+        return [index_file.name]
+    index = json.loads(index_file.read_text())
+    listed = [name for name, value in index.items() if isinstance(value, list) and value and value[0] is not None]
+    return [name for name in listed if name not in optional and not (directory / name).is_dir()]
+
+
+def check_local_sd3(directory: Path, text_encoder_3: bool) -> None:
+    """One ConfigError naming what a local SD3 directory lacks, before diffusers tries to load it."""
+    missing = missing_components(directory, () if text_encoder_3 else T5_COMPONENTS)
+    if missing == ["model_index.json"]:
+        raise ConfigError(
+            f"model.path={str(directory)!r} has no model_index.json: not a diffusers pipeline directory "
+            "(save_pretrained or hf download --local-dir writes one)"
+        )
+    t5 = [name for name in missing if name in T5_COMPONENTS]
+    if t5:
+        raise ConfigError(
+            f"model.path={str(directory)!r} has no {' or '.join(f'{name}/' for name in t5)} (the T5 text encoder "
+            "its model_index.json lists): pass model.text_encoder_3=false to run without T5, or add the folders"
+        )
+    if missing:
+        raise ConfigError(
+            f"model.path={str(directory)!r} has no {', '.join(f'{name}/' for name in missing)}, which its "
+            "model_index.json lists: the checkpoint is incomplete; copy the missing folders into it"
+        )
 
 
 def scheduler_config(source: str, subfolder: str | None, offline: bool) -> dict[str, Any]:
@@ -159,7 +204,11 @@ class PixelDDPMAdapter(PretrainedAdapter):
         return torch.full_like(cond, self._null_class)
 
     def model_output(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        return self.denoise(x, t, class_labels=cond) if self.num_classes else self.denoise(x, t)
+        if not self.num_classes:
+            return self.denoise(x, t)
+        if cond is None:  # unconditional (data.labels=null, or guidance 0): the null class
+            cond = self.null_condition(torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        return self.denoise(x, t, class_labels=cond)
 
 
 class LatentDDPMAdapter(PretrainedAdapter):
@@ -172,6 +221,9 @@ class LatentDDPMAdapter(PretrainedAdapter):
         source = checkpoint_source(path, id)
         unet = load_component(UNet2DModel, source, "unet", "UNet", offline)
         self.autoencoder = load_component(VQModel, source, "vqvae", "VQ-VAE", offline).eval().requires_grad_(False)
+        # latent_scale stays 1.0 whatever vqvae.config.scaling_factor says (diffusers' default 0.18215):
+        # CompVis trained this model on unscaled VQ latents (celebahq-ldm-vq-4.yaml sets no scale_factor),
+        # and diffusers' LDMPipeline, which divides by it, gives broken images (docs/models.md)
         self.denoiser = self.prepare_denoiser(unet)
         self.scheduler_config = scheduler_config(source, "scheduler", offline)
         self.sample_shape = (unet.config.in_channels, *square(unet.config.sample_size))
@@ -301,12 +353,18 @@ class StableDiffusion3Adapter(PretrainedAdapter):
         from diffusers import StableDiffusion3Pipeline
 
         source = checkpoint_source(path, id)
+        if path is not None:
+            check_local_sd3(Path(path), text_encoder_3)
         kwargs: dict[str, Any] = {"local_files_only": offline, "low_cpu_mem_usage": False}
         if not text_encoder_3:  # SD3 runs without T5 (zeros in its place): far less memory
             kwargs |= {"text_encoder_3": None, "tokenizer_3": None}
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:
+            if path is not None:  # every listed folder is there: say what diffusers could not read
+                raise ConfigError(
+                    f"cannot load the Stable Diffusion 3 pipeline from model.path={path!r}: {first_line(err)}"
+                ) from err
             raise ConfigError(
                 f"cannot load the Stable Diffusion 3 pipeline from {source!r} offline: download the checkpoint "
                 f"where the hub is reachable (hf download {source} --local-dir DIR) and pass model.path=DIR"
