@@ -44,8 +44,9 @@ def test_features_are_the_cls_token_of_resized_normalised_images(tiny_dinov2_dir
     features = extractor(images)
     assert features.shape == (3, 16) and extractor.num_features == 16
     assert torch.equal(features, extractor(images.expand(-1, 3, -1, -1)))  # grayscale = its RGB repeat
-    x = torch.nn.functional.interpolate(images.float().expand(-1, 3, -1, -1) / 255, size=(28, 28), mode="bicubic",
-                                        antialias=True).clamp(0, 1)
+    x = torch.nn.functional.interpolate(
+        images.float().expand(-1, 3, -1, -1) / 255, size=(28, 28), mode="bicubic", antialias=True
+    ).clamp(0, 1)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     x = (x - mean[:, None, None]) / std[:, None, None]
     with torch.no_grad():

@@ -25,7 +25,7 @@ CHECKPOINT_EXPERIMENTS = {
     "paper_celebahq": ("ldm", []),
     "paper_celebahq_pixel": ("pixel", []),
     "paper_cat256": ("pixel", []),
-    "paper_imagenet_cfg": ("dit", [NO_IS]),
+    "paper_imagenet_cfg": ("dit", [NO_IS, "metrics.fid.antialias=true"]),  # it sets false: Inception only
     "paper_sd21": ("sd", ["model.resolution=8", NO_IS]),
     "paper_sd3_rf": ("sd3", ["model.resolution=16", "model.text_encoder_3=false", NO_IS]),
 }

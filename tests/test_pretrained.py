@@ -54,6 +54,10 @@ def test_class_labels_reach_the_class_embedding(pixel_dirs, tmp_path, cache_dir)
     run_model(tmp_path / "c", cache_dir, [*base, "data.labels=[3]", "sampler.guidance_scale=3.0"])
     a, b, c = (sample_images(tmp_path / d) for d in "abc")
     assert not torch.equal(a, b) and not torch.equal(b, c)
+    for unconditional in ("data.labels=null", "sampler.guidance_scale=0"):  # refused before sampling
+        with pytest.raises(ConfigError, match=f"{unconditional} samples unconditionally, and model=ddpm_cifar10 is"):
+            run_model(tmp_path / "u", cache_dir, [*base[:2], "data.labels=[3]", unconditional])
+        assert not (tmp_path / "u" / "samples").exists()
     with pytest.raises(ConfigError, match="sampler.guidance_scale=3.0 needs a null class"):
         run_model(
             tmp_path / "d",

@@ -314,6 +314,45 @@ def check_paths_and_metrics(spec: RunSpec) -> None:
     check_number("metrics.fid.reference_samples", metrics.fid_reference_samples, 2, integer=True)
     check_diversity_settings(spec)
     check_dinov2(spec)
+    check_inception_resize(spec)
+
+
+# the factory of metrics=inception's Inception Score: it resizes like FID's Inception (metrics.fid.antialias)
+INCEPTION_SCORE_FACTORY = "ddim_gmm_exp.metrics.inception_score_extra"
+
+
+def reads_inception_resize(factory: dict[str, Any]) -> bool:
+    """Whether a metrics.extra factory scores with Inception-v3 itself (the Inception Score without
+    a classifier of its own), so that metrics.fid.antialias decides its resize too."""
+    return factory.get("_target_") == INCEPTION_SCORE_FACTORY and factory.get("logits") is None
+
+
+def check_inception_resize(spec: RunSpec) -> None:
+    """metrics.fid.antialias: true or false, and false only where Inception resizes the images (FID
+    in Inception features, or an Inception Score); the default true is never refused."""
+    metrics, model = spec.metrics, spec.model
+    if not isinstance(metrics.fid_antialias, bool):
+        raise ConfigError(
+            f"metrics.fid.antialias={metrics.fid_antialias!r} is not allowed: it must be true (antialiased "
+            "resize, torchmetrics' default) or false (TF 1.x's resize, as ADM's and EDM's statistics)"
+        )
+    if metrics.fid_antialias:
+        return
+    features = metrics.fid_features or ("model" if model.features is not None else "inception")
+    extras = [m for m in {**model.extra_metrics, **metrics.extra}.values() if m.get("enabled", True)]
+    scores_inception = any(reads_inception_resize(m.get("factory") or {}) for m in extras)
+    if (metrics.fid_enabled and features == "inception") or scores_inception:
+        return
+    if metrics.fid_enabled:
+        raise ConfigError(
+            f"metrics.fid.antialias=false is not used by model={model.name}'s own features "
+            "(metrics.fid.features=model): it applies to Inception's resize; use metrics.fid.features=inception "
+            "or drop it"
+        )
+    raise ConfigError(
+        "metrics.fid.antialias=false is not used: metrics.fid.enabled=false and no Inception Score is computed "
+        "(it applies to Inception's resize); enable FID in Inception features or drop it"
+    )
 
 
 def check_dinov2(spec: RunSpec) -> None:
@@ -427,6 +466,14 @@ def check_model_fit(spec: RunSpec, adapter: Any) -> None:
         raise ConfigError(
             f"sampler.guidance_scale={sampler.guidance_scale} needs a null class, and "
             f"model={model.name} has none: use sampler.guidance_scale=1.0"
+        )
+    unconditional = labels is None or sampler.guidance_scale == 0  # the null class stands in for the label
+    if adapter.num_classes and unconditional and adapter.null_label is None:
+        why = "data.labels=null" if labels is None else "sampler.guidance_scale=0"
+        raise ConfigError(
+            f"{why} samples unconditionally, and model={model.name} is class-conditional with no null class: "
+            "give data.labels (e.g. balanced) and a guidance scale other than 0, or name its null class "
+            "(+model.adapter.null_class=N)"
         )
     prediction_type = adapter.scheduler_config.get("prediction_type", "epsilon")
     if sampler.family == "diffusion" and prediction_type not in PREDICTION_TYPES:

@@ -99,6 +99,8 @@ class MetricsSpec:
     dinov2_enabled: bool = False  # metrics=dinov2: FD, PRDC and KID in DINOv2 features too
     dinov2_path: str | None = None
     dinov2_reference: str | None = None
+    # Inception's resize to 299 x 299: True antialiased (torchmetrics' default), False TF 1.x's (ADM/EDM statistics)
+    fid_antialias: bool = True
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,10 @@ class RunSpec:
 
     def scores_fingerprint(self) -> dict[str, Any]:
         """What decides the samples and their scores: two sweep jobs with equal ones are duplicates."""
-        return self.fingerprint() | {"metrics": vars(self.metrics)}
+        metrics = dict(vars(self.metrics))
+        if metrics["fid_antialias"] is True:  # the default keeps the fingerprints and settings of earlier runs
+            del metrics["fid_antialias"]
+        return self.fingerprint() | {"metrics": metrics}
 
     def run_name(self) -> str:
         """A name after the run's distinguishing settings, e.g. ``ortho_vub-K8-s1-eta0-10steps-cfg2.5-seed0``
@@ -340,6 +345,7 @@ def resolve_run(
             fid_reference=fid["reference"],
             fid_reference_samples=fid["reference_samples"],
             fid_min_samples=fid["min_samples"],
+            fid_antialias=fid.get("antialias", True),
             prdc_enabled=prdc.get("enabled", True),
             prdc_k=prdc.get("k", 5),
             prdc_max_samples=prdc.get("max_samples", 10_000),

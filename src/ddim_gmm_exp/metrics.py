@@ -14,8 +14,9 @@ the float64 states of torchmetrics' FrechetInceptionDistance (sum = n mu,
 cov_sum = (n-1) sigma + n mu mu^T, num_samples = n) on global rank 0 only: those states are summed
 over ranks when the metric syncs, so loading them on every rank would count them world_size times.
 Statistics computed here (of a model family's real images, or of a folder of images) are cached
-under a key of everything that decides them: the images' content and the extractor's weights; the
-key is stored in the file and checked, and non-finite statistics are never cached.
+under a key of everything that decides them: the images' content and the extractor's weights (and
+Inception's resize where it is TF 1.x's, metrics.fid.antialias=false); the key is stored in the
+file and checked, and non-finite statistics are never cached.
 """
 
 from __future__ import annotations
@@ -1121,7 +1122,9 @@ def inception_score_extra(
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     if logits is not None and not antialias:
-        raise ConfigError("inception_score_extra: antialias=False is not used with logits: it applies to Inception's resize")
+        raise ConfigError(
+            "inception_score_extra: antialias=False is not used with logits: it applies to Inception's resize"
+        )
     if logits is None:
         logits = NoTrainInceptionV3(
             name="inception-v3-compat",

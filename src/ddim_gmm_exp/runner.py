@@ -41,6 +41,7 @@ from ddim_gmm_exp.metrics import (
     diversity_problem,
     feature_dim,
     holds_images,
+    inception_extractor,
     kid_subset_size,
     load_reference,
     load_reference_features,
@@ -337,7 +338,10 @@ def build_metrics(
     extras = {}
     for name, metric in {**model.extra_metrics, **metrics.extra}.items():
         if metric.get("enabled", True):
-            extras[name] = instantiate(metric["factory"], adapter=adapter)
+            # the Inception Score resizes as FID's Inception does: passed here, not interpolated in its yaml,
+            # so that the extras' settings (and scores fingerprints) of earlier runs stay as they were
+            resize = {"antialias": metrics.fid_antialias} if checks.reads_inception_resize(metric["factory"]) else {}
+            extras[name] = instantiate(metric["factory"], adapter=adapter, **resize)
     suite = MetricSuite(
         extractor,
         reference,
@@ -411,12 +415,16 @@ def diversity_notes(
 
 
 def fid_reference(metrics: MetricsSpec, model: ModelSpec, adapter: ModelAdapter) -> tuple[Any, Path]:
-    """The feature extractor (a module, or 2048 for Inception) and the reference .npz: a given
+    """The feature extractor (a module, or 2048 for Inception with torchmetrics' resize; a module for
+    TF 1.x's, metrics.fid.antialias=false: metrics.inception_extractor) and the reference .npz: a given
     reference (statistics, or an image folder's or ADM batch's: metrics.reference_file_for), the
     family's shipped one, or one of the family's real images, computed once and cached (images
     keep their features too)."""
     features = metrics.fid_features or ("model" if model.features is not None else "inception")
-    extractor = instantiate(model.features) if features == "model" else 2048
+    if features == "model":
+        extractor = instantiate(model.features)
+    else:
+        extractor = inception_extractor(2048, metrics.fid_weights_path, metrics.fid_antialias)
     shipped = adapter.reference_stats if features == "model" else None
     reference_path = metrics.fid_reference
     if reference_path is not None:  # a folder, EDM/ADM statistics or an ADM batch (metrics.reference_file_for)
