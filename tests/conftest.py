@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from helpers.runs import CONF_DIR, ROOT, SMALL, compose_config, run_cli  # noqa: F401  (re-exported)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (python -m pytest -n 2), one thread per worker: the workers share the
+    machine's cores, and torch's default of one thread per core in each would oversubscribe them
+    (subprocesses inherit OMP_NUM_THREADS)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
