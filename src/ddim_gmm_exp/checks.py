@@ -301,7 +301,7 @@ def check_paths_and_metrics(spec: RunSpec) -> None:
     if metrics.fid_reference is not None and not Path(metrics.fid_reference).exists():
         raise ConfigError(
             f"metrics.fid.reference={metrics.fid_reference!r} does not exist: give an .npz with mu and sigma "
-            "(scripts/fid_stats.py) or a folder of images"
+            "(EDM's, ADM's, scripts/fid_stats.py's), an ADM reference batch (.npz with arr_0) or a folder of images"
         )
     if metrics.fid_weights_path is not None and not Path(metrics.fid_weights_path).is_file():
         raise ConfigError(

@@ -396,7 +396,7 @@ def diversity_notes(
         note = (
             f"the FID reference {str(reference_file)!r} holds mu and sigma only: precision/recall, density/coverage "
             "and KID need the real images' features (an image folder, the family's own reference, or an .npz "
-            "with 'features')"
+            "with 'features': scripts/fid_stats.py --images makes one of a folder or an ADM batch's arr_0)"
         )
         log.warning("PRDC/KID skipped: %s", note)
         return {"diversity_skipped": note}
