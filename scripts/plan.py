@@ -158,8 +158,8 @@ def plan(overrides: list[str]) -> list[Job]:
     return jobs
 
 
-def hours(evaluations: float, rate: float | None) -> str:
-    return f"{evaluations / rate / 3600:,.1f} h" if rate else "-"
+def hours(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 3600:,.1f} h"
 
 
 def report(jobs: list[Job], rates: dict[str, float], show_jobs: bool) -> str:
@@ -179,17 +179,17 @@ def report(jobs: list[Job], rates: dict[str, float], show_jobs: bool) -> str:
     for (model, variant), group in groups.items():
         evaluations = sum(j.samples * j.nfe for j in group)
         nfes = sorted({j.nfe for j in group})
+        seconds = evaluations / rates[model] if model in rates else None
         lines.append(
             f"| {model} | {variant} | {len(group)} | {sum(j.samples for j in group):,} | "
-            f"{', '.join(map(str, nfes))} | {evaluations:,} | {hours(evaluations, rates.get(model))} |"
+            f"{', '.join(map(str, nfes))} | {evaluations:,} | {hours(seconds)} |"
         )
     total = sum(j.samples * j.nfe for j in sampled)
     models = sorted({j.model for j in sampled})
     known = all(m in rates for m in models)
     seconds = sum(j.samples * j.nfe / rates[j.model] for j in sampled) if known else None
     lines.append(
-        f"| **all** | | {len(sampled)} | {sum(j.samples for j in sampled):,} | | {total:,} | "
-        f"{hours(seconds, 1.0) if seconds is not None else '-'} |"
+        f"| **all** | | {len(sampled)} | {sum(j.samples for j in sampled):,} | | {total:,} | {hours(seconds)} |"
     )
     for model in models:
         rate = rates.get(model)
@@ -211,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", help="bench_gpu.py's rows (.json) for the rates of the architectures it measured")
     parser.add_argument("--jobs", action="store_true", help="also list every job and its status")
     args = parser.parse_args(argv)
-    rates = bench_rates(args.bench) if args.bench else {}
-    rates |= dict(parse_rate(text) for text in args.images_per_second)
+    given = dict(parse_rate(text) for text in args.images_per_second)
+    rates = (bench_rates(args.bench) if args.bench else {}) | given
     jobs = plan(args.overrides)
-    unused = sorted(set(rates) - {job.model for job in jobs})
-    if args.images_per_second and unused and not args.bench:
+    unused = sorted(set(given) - {job.model for job in jobs})  # bench_gpu's rows cover other models too
+    if unused:
         fail(
             f"--images-per-second {unused[0]}=... names no model of this sweep: its models are "
             f"{', '.join(sorted({job.model for job in jobs}))}"
