@@ -39,6 +39,7 @@ from ddim_gmm_exp.metrics import (
     feature_dim,
     image_folder_batches,
     inception_extractor,
+    inception_weights_path,
     reference_of,
     save_reference,
 )
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             first = next(batches)  # the pixel count of one image: the pixel features' dimension
             batches = itertools.chain([first], batches)
             if args.features == "inception":
+                inception_weights_path(args.weights_path, setting="--weights-path ")  # this script's option, named
                 extractor = inception_extractor(2048, args.weights_path, args.antialias)
             else:
                 extractor = PixelFeatures(first[0].numel())

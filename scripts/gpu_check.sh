@@ -3,7 +3,8 @@
 #
 #     bash scripts/gpu_wheels.sh                 # first, where pip reaches PyPI: .whl/ (must stay ignored by git)
 #     bash scripts/gpu_check.sh                  # on the GPU machine, from a copy of the working tree with .whl/
-#     bash scripts/gpu_check.sh --dry-run        # the same steps at tiny sizes on this CPU (about a minute)
+#     bash scripts/gpu_check.sh --dry-run        # the same steps at tiny sizes on this CPU, but the
+#                                                # noise_device=device run (the CPU's streams there); about a minute
 #
 # The GPU machine has python3 with torch, lightning, torchmetrics and transformers but no internet;
 # the packages it lacks (hydra-core, omegaconf, diffusers, wandb, prdc, ...) come as wheels in .whl/,

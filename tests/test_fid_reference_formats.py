@@ -187,3 +187,7 @@ def test_fid_stats_makes_statistics_of_an_adm_batch(tmp_path, capsys):
     args = ["--images", str(tmp_path / "bad.npz"), "--features", "pixels", "--out", str(tmp_path / "no.npz")]
     assert fid_stats.main(args) == 2
     assert "error: --images=" in capsys.readouterr().err and not (tmp_path / "no.npz").exists()
+    # Inception weights that are not there: named by this script's option, not the runner's setting
+    args = ["--images", str(tmp_path / "adm.npz"), "--weights-path", str(tmp_path / "none.pth"), "--out", str(out)]
+    assert fid_stats.main([*args[:-1], str(tmp_path / "inception.npz")]) == 2
+    assert f"error: --weights-path {str(tmp_path / 'none.pth')!r} does not exist" in capsys.readouterr().err

@@ -60,23 +60,22 @@ class PixelFeatures(torch.nn.Module):
         return images.flatten(1).double() / 255
 
 
-def inception_weights_path(weights_path: str | None) -> str:
-    """A local Inception weights file for FID/IS, or a ConfigError saying where to put one.
+def inception_weights_path(weights_path: str | None, setting: str = "metrics.fid.weights_path=") -> str:
+    """A local Inception weights file for FID/IS, or a ConfigError saying where to put one
+    (``setting``: how the caller takes the path, e.g. scripts/fid_stats.py's ``--weights-path ``).
 
     No download is attempted: torchmetrics would fetch the file from GitHub at run time.
     """
     if weights_path:
         if not Path(weights_path).is_file():
-            raise ConfigError(
-                f"metrics.fid.weights_path={weights_path!r} does not exist: give the path of {INCEPTION_WEIGHTS_FILE}"
-            )
+            raise ConfigError(f"{setting}{weights_path!r} does not exist: give the path of {INCEPTION_WEIGHTS_FILE}")
         return str(weights_path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
     if cached.is_file():
         return str(cached)
     raise ConfigError(
         f"FID with Inception needs {INCEPTION_WEIGHTS_FILE} and no download is made: fetch it from "
-        f"{INCEPTION_WEIGHTS_URL} and put it at {cached} or pass metrics.fid.weights_path=FILE"
+        f"{INCEPTION_WEIGHTS_URL} and put it at {cached} or pass {setting}FILE"
     )
 
 
