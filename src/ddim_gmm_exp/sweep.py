@@ -1540,7 +1540,7 @@ class SampleResamples(NamedTuple):
     indices: Any  # the global sample index of each saved row
     values: Any  # SAMPLE_BOOTSTRAP_RESAMPLES values
     pairing: tuple  # the reference file, the metric, the PRDC settings
-    full: float = float("nan")  # the value on all samples (results.json's, recomputed from the features)
+    full: float  # the value on all samples (results.json's, recomputed from the features)
 
 
 def _prdc_options(row: dict[str, Any]) -> tuple[int, int] | None:
